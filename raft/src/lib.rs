@@ -1,0 +1,11 @@
+//! openraft integration for Cascade: the node-wide group-commit log, the sled-backed state
+//! machine, the multi-raft host and the tonic transport. Knows nothing of HTTP, CLI or actors.
+
+pub mod disk;
+pub mod host;
+pub mod kv;
+pub mod log_store;
+pub mod network;
+pub mod sm;
+pub mod typ;
+pub mod wal;

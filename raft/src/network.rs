@@ -1,0 +1,207 @@
+//! Inter-node Raft transport over tonic. One HTTP/2 channel per peer address carries every
+//! shard's traffic (the shard travels in each message); every RPC has a deadline, because a
+//! partition drops traffic silently. Snapshots travel as openraft's chunked install-snapshot
+//! messages, each chunk bounded by `snapshot_max_chunk_size`.
+
+use crate::typ::{NodeId, Raft, TypeConfig};
+use cascade_protocol::codec;
+use cascade_protocol::ids::ShardId;
+use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
+use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
+use cascade_protocol::raft_pb::RaftMessage;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// How long to wait for a TCP connection to a peer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest message a peer may send us (snapshot chunks are far below this).
+pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// The channels to every peer, shared by all shards of a node.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// The channel to `addr` (`host:port`), created lazily; tonic reconnects with backoff.
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// openraft's network factory for one shard.
+pub struct NetworkFactory {
+    pub shard: ShardId,
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection { shard: self.shard, target, addr: node.addr.clone(), peers: self.peers.clone() }
+    }
+}
+
+/// A shard's view of one peer.
+pub struct PeerConnection {
+    shard: ShardId,
+    target: NodeId,
+    addr: String,
+    peers: Peers,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(&self, kind: RpcKind, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let payload = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let channel =
+            self.peers.channel(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let mut request = Request::new(RaftMessage { shard: u32::from(self.shard), payload });
+        request.set_timeout(option.hard_ttl());
+        let reply = match kind {
+            RpcKind::Append => client.append_entries(request).await,
+            RpcKind::Vote => client.vote(request).await,
+            RpcKind::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+            Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            codec::decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(RpcKind::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(RpcKind::Vote, &rpc, &option).await
+    }
+}
+
+/// The shards this node hosts, looked up by the transport server. Filled as shards start.
+#[derive(Clone, Default)]
+pub struct ShardTable {
+    rafts: Arc<RwLock<BTreeMap<ShardId, Raft>>>,
+}
+
+impl ShardTable {
+    pub fn insert(&self, shard: ShardId, raft: Raft) {
+        self.rafts.write().unwrap_or_else(|p| p.into_inner()).insert(shard, raft);
+    }
+
+    pub fn get(&self, shard: ShardId) -> Option<Raft> {
+        self.rafts.read().unwrap_or_else(|p| p.into_inner()).get(&shard).cloned()
+    }
+
+    pub fn all(&self) -> Vec<(ShardId, Raft)> {
+        self.rafts.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(s, r)| (*s, r.clone())).collect()
+    }
+}
+
+/// The tonic service peers call.
+pub struct TransportServer {
+    pub shards: ShardTable,
+}
+
+impl TransportServer {
+    fn shard(&self, msg: &RaftMessage) -> Result<Raft, Status> {
+        let shard = ShardId::try_from(msg.shard)
+            .map_err(|_| Status::invalid_argument(format!("shard {} out of range", msg.shard)))?;
+        self.shards.get(shard).ok_or_else(|| Status::not_found(format!("shard {shard} is not hosted here")))
+    }
+}
+
+fn decode_request<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
+    codec::decode(&msg.payload).map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
+}
+
+fn reply<T: Serialize>(shard: u32, value: &T) -> Result<Response<RaftMessage>, Status> {
+    let payload = codec::encode(value).map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
+    Ok(Response::new(RaftMessage { shard, payload }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for TransportServer {
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.shard(&msg)?;
+        let req: AppendEntriesRequest<TypeConfig> = decode_request(&msg)?;
+        reply(msg.shard, &raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.shard(&msg)?;
+        let req: VoteRequest<NodeId> = decode_request(&msg)?;
+        reply(msg.shard, &raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.shard(&msg)?;
+        let req: InstallSnapshotRequest<TypeConfig> = decode_request(&msg)?;
+        reply(msg.shard, &raft.install_snapshot(req).await)
+    }
+}

@@ -1,0 +1,458 @@
+//! The state machine of one shard: applies committed entries with `cascade_core::apply` over a
+//! [`KvTree`], builds and installs snapshots, and publishes what changed to an observer (the
+//! node's user actors) before `apply` returns, so a client that saw its write acknowledged reads
+//! it back.
+//!
+//! Durability: each `apply` call writes one atomic batch (users, session index, shard meta,
+//! last applied, membership) without syncing; the Raft log is the durable record and is replayed
+//! from `last_applied` after a crash. A snapshot syncs the tree before it is reported built, so
+//! openraft purges only log entries whose effects are on disk.
+
+// openraft's `StorageError` is the error type its storage traits require; boxing it in helpers
+// would only move the allocation around.
+#![allow(clippy::result_large_err)]
+
+use crate::kv::{KvTree, Write};
+use crate::typ::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use cascade_core::limits::Limits;
+use cascade_core::model::{ShardMeta, UserState};
+use cascade_core::view::ShardView;
+use cascade_protocol::codec;
+use cascade_protocol::command::FORMAT_VERSION;
+use cascade_protocol::ids::{SessionId, ShardId, UserKey};
+use cascade_protocol::outcome::{Applied, RevocationEvent};
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{self, Cursor};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+const KEY_META: &[u8] = b"m/meta";
+const KEY_APPLIED: &[u8] = b"m/applied";
+const KEY_MEMBERSHIP: &[u8] = b"m/membership";
+const KEY_SNAP_META: &[u8] = b"m/snap_meta";
+const KEY_SNAP_DATA: &[u8] = b"m/snap_data";
+const PREFIX_USER: &[u8] = b"u/";
+const PREFIX_SESSION: &[u8] = b"s/";
+/// Users read per scan page when building a snapshot.
+const SNAPSHOT_SCAN_PAGE: usize = 4096;
+
+/// Key of a user's state: `u/` + tenant + 0x00 + user_id. Ids never contain 0x00, so byte order
+/// equals `UserKey` order and scans are deterministic across backends.
+pub fn user_key_bytes(key: &UserKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + key.tenant.len() + 1 + key.user_id.len());
+    k.extend_from_slice(PREFIX_USER);
+    k.extend_from_slice(key.tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.user_id.as_bytes());
+    k
+}
+
+fn session_key_bytes(id: &SessionId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + 2 + 16);
+    k.extend_from_slice(PREFIX_SESSION);
+    k.extend_from_slice(&id.shard.to_be_bytes());
+    k.extend_from_slice(&id.nonce.to_be_bytes());
+    k
+}
+
+/// Told about every applied batch, after it is written and before `apply` returns.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// `users` holds the final state of every user the batch changed (`None` = removed).
+    fn on_applied(
+        &self,
+        shard: ShardId,
+        applied_index: u64,
+        users: &[(UserKey, Option<Arc<UserState>>)],
+        events: &[RevocationEvent],
+    );
+}
+
+/// Read access to a shard's applied state, shared with the node for checks.
+#[derive(Clone)]
+pub struct ShardReader {
+    tree: Arc<dyn KvTree>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    meta: RwLock<Arc<ShardMeta>>,
+    applied_index: AtomicU64,
+}
+
+impl ShardReader {
+    /// Shard-wide watermarks and clock as of the last applied batch.
+    pub fn meta(&self) -> Arc<ShardMeta> {
+        self.shared.meta.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.shared.applied_index.load(Ordering::Acquire)
+    }
+
+    pub fn load_user(&self, key: &UserKey) -> io::Result<Option<UserState>> {
+        match self.tree.get(&user_key_bytes(key))? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(&bytes).map(Some).map_err(io::Error::other),
+        }
+    }
+
+    pub fn owner_of(&self, id: &SessionId) -> io::Result<Option<UserKey>> {
+        match self.tree.get(&session_key_bytes(id))? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(&bytes).map(Some).map_err(io::Error::other),
+        }
+    }
+}
+
+/// Contents of a snapshot: the whole shard. The session index is rebuilt from the users.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    meta: ShardMeta,
+    users: Vec<UserState>,
+}
+
+/// openraft's state machine for one shard.
+pub struct ShardStateMachine {
+    shard: ShardId,
+    tree: Arc<dyn KvTree>,
+    limits: Limits,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    meta: ShardMeta,
+    shared: Arc<Shared>,
+    observer: Option<Arc<dyn ApplyObserver>>,
+}
+
+fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::new(subject, verb, openraft::AnyError::error(e.to_string())).into()
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+}
+
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    tree: &dyn KvTree,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    match tree.get(key).map_err(read_err)? {
+        None => Ok(None),
+        Some(b) => codec::decode(&b).map(Some).map_err(read_err),
+    }
+}
+
+fn encoded<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    codec::encode(value).map_err(write_err)
+}
+
+impl ShardStateMachine {
+    /// Open the state machine of `shard` on `tree`, resuming from what the tree holds.
+    pub fn open(
+        shard: ShardId,
+        tree: Arc<dyn KvTree>,
+        limits: Limits,
+        observer: Option<Arc<dyn ApplyObserver>>,
+    ) -> Result<Self, StorageError> {
+        let applied: Option<LogId> = get_decoded::<Option<LogId>>(&*tree, KEY_APPLIED)?.flatten();
+        let membership = get_decoded(&*tree, KEY_MEMBERSHIP)?.unwrap_or_default();
+        let meta: ShardMeta = get_decoded(&*tree, KEY_META)?.unwrap_or_default();
+        let shared = Arc::new(Shared {
+            meta: RwLock::new(Arc::new(meta.clone())),
+            applied_index: AtomicU64::new(applied.map_or(0, |l| l.index)),
+        });
+        Ok(ShardStateMachine { shard, tree, limits, applied, membership, meta, shared, observer })
+    }
+
+    pub fn reader(&self) -> ShardReader {
+        ShardReader { tree: self.tree.clone(), shared: self.shared.clone() }
+    }
+
+    fn publish(&self) {
+        *self.shared.meta.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.meta.clone());
+        self.shared.applied_index.store(self.applied.map_or(0, |l| l.index), Ordering::Release);
+    }
+
+    fn pointer_writes(&self) -> Result<Vec<Write>, StorageError> {
+        Ok(vec![
+            (KEY_META.to_vec(), Some(encoded(&self.meta)?)),
+            (KEY_APPLIED.to_vec(), Some(encoded(&self.applied)?)),
+            (KEY_MEMBERSHIP.to_vec(), Some(encoded(&self.membership)?)),
+        ])
+    }
+
+    /// Read the whole shard (users in key order) into a snapshot body.
+    fn read_body(&self) -> Result<SnapshotBody, StorageError> {
+        let mut users = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.tree.scan(PREFIX_USER, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (_, v) in &page {
+                users.push(codec::decode::<UserState>(v).map_err(read_err)?);
+            }
+            if page.len() < SNAPSHOT_SCAN_PAGE {
+                break;
+            }
+        }
+        Ok(SnapshotBody { meta: self.meta.clone(), users })
+    }
+}
+
+/// `ShardView` over the tree with a write-back overlay for one `apply` call. Read errors are
+/// remembered and fail the whole call (a replica that cannot read its state must stop, not
+/// guess).
+struct OverlayView<'a> {
+    tree: &'a dyn KvTree,
+    meta: ShardMeta,
+    users: BTreeMap<UserKey, Option<UserState>>,
+    index: BTreeMap<SessionId, Option<UserKey>>,
+    error: Option<StorageError>,
+}
+
+impl OverlayView<'_> {
+    fn fail(&mut self, e: StorageError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+}
+
+impl ShardView for OverlayView<'_> {
+    fn meta(&self) -> &ShardMeta {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut ShardMeta {
+        &mut self.meta
+    }
+    fn take_user(&mut self, key: &UserKey) -> Option<UserState> {
+        if let Some(slot) = self.users.get_mut(key) {
+            return slot.take();
+        }
+        match get_decoded::<UserState>(self.tree, &user_key_bytes(key)) {
+            Ok(found) => {
+                if found.is_some() {
+                    self.users.insert(key.clone(), None);
+                }
+                found
+            }
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+    fn put_user(&mut self, user: UserState) {
+        self.users.insert(user.key.clone(), Some(user));
+    }
+    fn session_owner(&mut self, id: &SessionId) -> Option<UserKey> {
+        if let Some(slot) = self.index.get(id) {
+            return slot.clone();
+        }
+        match get_decoded(self.tree, &session_key_bytes(id)) {
+            Ok(found) => found,
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+    fn index_session(&mut self, id: SessionId, owner: &UserKey) {
+        self.index.insert(id, Some(owner.clone()));
+    }
+    fn unindex_session(&mut self, id: &SessionId) {
+        self.index.insert(*id, None);
+    }
+    fn users_after(&mut self, after: Option<&UserKey>, limit: usize) -> Vec<UserKey> {
+        let after_bytes = after.map(user_key_bytes);
+        let stored = match self.tree.scan(PREFIX_USER, after_bytes.as_deref(), limit) {
+            Ok(page) => page,
+            Err(e) => {
+                self.fail(read_err(e));
+                return Vec::new();
+            }
+        };
+        let mut keys: Vec<UserKey> = Vec::with_capacity(stored.len());
+        for (_, v) in stored {
+            match codec::decode::<UserState>(&v) {
+                Ok(u) => keys.push(u.key),
+                Err(e) => {
+                    self.fail(read_err(e));
+                    return Vec::new();
+                }
+            }
+        }
+        // Merge the overlay: users created in this batch exist, users removed do not.
+        for (k, v) in &self.users {
+            let in_range = after.is_none_or(|a| k > a);
+            if in_range && v.is_some() && !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        keys.retain(|k| !matches!(self.users.get(k), Some(None)));
+        keys.sort();
+        keys.truncate(limit);
+        keys
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for ShardStateMachine {
+    type SnapshotBuilder = ShardSnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut view = OverlayView {
+            tree: &*self.tree,
+            meta: self.meta.clone(),
+            users: BTreeMap::new(),
+            index: BTreeMap::new(),
+            error: None,
+        };
+        let mut results = Vec::new();
+        let mut events = Vec::new();
+        for entry in entries {
+            self.applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(Applied::nothing()),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    results.push(Applied::nothing());
+                }
+                EntryPayload::Normal(envelope) => {
+                    if envelope.version != FORMAT_VERSION {
+                        // Fatal for this replica: applying an entry it cannot understand would
+                        // diverge from the others.
+                        return Err(read_err(format!(
+                            "log entry {} has format version {}, this build supports {}",
+                            entry.log_id, envelope.version, FORMAT_VERSION
+                        )));
+                    }
+                    let applied = cascade_core::apply(&mut view, &self.limits, &envelope);
+                    events.extend(applied.events.iter().cloned());
+                    results.push(applied);
+                }
+            }
+        }
+        if let Some(e) = view.error.take() {
+            return Err(e);
+        }
+        let OverlayView { meta, users, index, .. } = view;
+        self.meta = meta;
+        let mut writes = self.pointer_writes()?;
+        let mut changed = Vec::with_capacity(users.len());
+        for (key, state) in users {
+            let value = state.as_ref().map(encoded).transpose()?;
+            writes.push((user_key_bytes(&key), value));
+            changed.push((key, state.map(Arc::new)));
+        }
+        for (id, owner) in index {
+            writes.push((session_key_bytes(&id), owner.as_ref().map(encoded).transpose()?));
+        }
+        self.tree.apply_batch(writes).map_err(write_err)?;
+        self.publish();
+        if let Some(observer) = &self.observer {
+            observer.on_applied(self.shard, self.applied.map_or(0, |l| l.index), &changed, &events);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Read the state now, on the state machine's task, so the snapshot is consistent with
+        // `applied` even if building it takes a while.
+        let body = self.read_body().and_then(|b| encoded(&b));
+        ShardSnapshotBuilder {
+            tree: self.tree.clone(),
+            applied: self.applied,
+            membership: self.membership.clone(),
+            body,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody = codec::decode(&data)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        self.tree.clear_prefix(PREFIX_USER).map_err(write_err)?;
+        self.tree.clear_prefix(PREFIX_SESSION).map_err(write_err)?;
+        self.meta = body.meta;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        let mut writes = self.pointer_writes()?;
+        for user in &body.users {
+            for id in user.sessions.keys() {
+                writes.push((session_key_bytes(id), Some(encoded(&user.key)?)));
+            }
+            writes.push((user_key_bytes(&user.key), Some(encoded(user)?)));
+        }
+        writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
+        writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
+        self.tree.apply_batch(writes).map_err(write_err)?;
+        self.tree.sync().map_err(write_err)?;
+        self.publish();
+        if let Some(observer) = &self.observer {
+            // Every cached user may be stale now: tell the observer about all of them.
+            let users: Vec<_> = body.users.into_iter().map(|u| (u.key.clone(), Some(Arc::new(u)))).collect();
+            observer.on_applied(self.shard, self.applied.map_or(0, |l| l.index), &users, &[]);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let meta: Option<SnapshotMeta> = get_decoded(&*self.tree, KEY_SNAP_META)?;
+        let Some(meta) = meta else { return Ok(None) };
+        let data = self.tree.get(KEY_SNAP_DATA).map_err(read_err)?.unwrap_or_default();
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+/// Builds a snapshot from the state read when it was created.
+pub struct ShardSnapshotBuilder {
+    tree: Arc<dyn KvTree>,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    body: Result<Vec<u8>, StorageError>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let data = std::mem::replace(&mut self.body, Ok(Vec::new()))?;
+        let snapshot_id = match self.applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            None => "empty".to_owned(),
+        };
+        let meta =
+            SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
+        self.tree
+            .apply_batch(vec![
+                (KEY_SNAP_META.to_vec(), Some(encoded(&meta)?)),
+                (KEY_SNAP_DATA.to_vec(), Some(data.clone())),
+            ])
+            .map_err(write_err)?;
+        // The state machine's own writes up to `applied` become durable here too, before openraft
+        // is told the snapshot exists and may purge the log behind it.
+        self.tree.sync().map_err(write_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
