@@ -1,0 +1,336 @@
+//! `ShardActor`: one per local replica of a shard. It owns the shard's openraft handle, routes
+//! checks to user actors (activating them from storage on demand, passivating idle ones, never
+//! holding more than the configured number), forwards state-machine updates to them in apply
+//! order, proposes writes, and drives the periodic purge while it leads.
+
+use super::user_actor::{UserActor, UserArgs, UserMsg};
+use super::{CheckAnswer, CheckQuery};
+use crate::seams::Clock;
+use cascade_core::model::UserState;
+use cascade_protocol::command::{Command, Envelope};
+use cascade_protocol::ids::{ShardId, UserKey};
+use cascade_protocol::outcome::{Applied, Outcome, Verdict};
+use cascade_raft::sm::ShardReader;
+use cascade_raft::typ::{NodeId, Raft};
+use openraft::error::{ClientWriteError, RaftError};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Users scanned per purge command.
+const PURGE_USERS_PER_COMMAND: u32 = 256;
+/// How often idle user actors are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct ShardActor;
+
+/// Why a write did not produce an outcome.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("shard {shard} has no leader on this node (leader: {leader:?})")]
+    NotLeader { shard: ShardId, leader: Option<NodeId> },
+    #[error("shard {shard} cannot take writes: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+}
+
+/// Messages to a shard actor.
+pub enum ShardMsg {
+    Check(CheckQuery, RpcReplyPort<CheckAnswer>),
+    GetUser(UserKey, RpcReplyPort<Option<Arc<UserState>>>),
+    Write(Envelope, RpcReplyPort<Result<Applied, WriteError>>),
+    /// Published by the state machine after each applied batch, in apply order.
+    Applied(Vec<(UserKey, Option<Arc<UserState>>)>),
+    Status(RpcReplyPort<ShardStatusInfo>),
+    /// Periodic: passivate idle user actors; propose a purge step when leading and due.
+    Sweep,
+    /// A purge step finished; continue after this user next time.
+    PurgeProgress(Option<UserKey>),
+}
+
+/// What `cascade status` shows per shard.
+#[derive(Clone, Debug)]
+pub struct ShardStatusInfo {
+    pub shard: ShardId,
+    pub leader: Option<NodeId>,
+    pub role: String,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub live_user_actors: usize,
+}
+
+/// Everything a shard actor needs; cloneable so a supervisor can restart it.
+#[derive(Clone)]
+pub struct ShardArgs {
+    pub shard: ShardId,
+    pub node_prefix: String,
+    pub raft: Raft,
+    pub reader: ShardReader,
+    pub clock: Arc<dyn Clock>,
+    pub user_actors_max: usize,
+    pub user_idle_ms: u64,
+    pub purge_interval_ms: u64,
+}
+
+struct LiveUser {
+    actor: ActorRef<UserMsg>,
+    /// Position in `ShardActorState::lru`.
+    last_used: u64,
+    /// Clock time of last use, for idle passivation.
+    last_used_ms: u64,
+}
+
+pub struct ShardActorState {
+    args: ShardArgs,
+    /// Live user actors by user.
+    users: HashMap<UserKey, LiveUser>,
+    /// Users by last use (a logical counter), oldest first, to pick whom to passivate.
+    lru: BTreeMap<u64, UserKey>,
+    /// Which user an actor id serves, to clean up after a crashed child.
+    by_actor: HashMap<ActorId, UserKey>,
+    /// Logical use counter.
+    tick: u64,
+    /// Purge cursor and when the next pass is due.
+    purge_after: Option<UserKey>,
+    purge_due_ms: u64,
+    purge_running: bool,
+}
+
+impl ShardActorState {
+    fn touch(&mut self, key: &UserKey, now_ms: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(live) = self.users.get_mut(key) {
+            self.lru.remove(&live.last_used);
+            live.last_used = tick;
+            live.last_used_ms = now_ms;
+            self.lru.insert(tick, key.clone());
+        }
+    }
+
+    fn passivate(&mut self, key: &UserKey) {
+        if let Some(live) = self.users.remove(key) {
+            self.lru.remove(&live.last_used);
+            self.by_actor.remove(&live.actor.get_id());
+            live.actor.stop(Some("passivated".to_owned()));
+        }
+    }
+
+    /// The live actor of `key`, activating it from storage if needed.
+    async fn user_actor(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        key: &UserKey,
+    ) -> Result<ActorRef<UserMsg>, ActorProcessingErr> {
+        let now_ms = self.args.clock.now_ms();
+        if self.users.contains_key(key) {
+            self.touch(key, now_ms);
+            return Ok(self.users[key].actor.clone());
+        }
+        while self.users.len() >= self.args.user_actors_max {
+            let Some((_, oldest)) = self.lru.pop_first() else { break };
+            self.passivate(&oldest);
+        }
+        // Loaded on this actor's task: every state-machine update published before this point
+        // is already in storage, and every later one will be forwarded to the new actor.
+        let user = self.args.reader.load_user(key)?.map(Arc::new);
+        let args = UserArgs {
+            key: key.clone(),
+            user,
+            reader: self.args.reader.clone(),
+            clock: self.args.clock.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(None, UserActor, args, myself.get_cell()).await?;
+        self.tick += 1;
+        self.lru.insert(self.tick, key.clone());
+        self.by_actor.insert(actor.get_id(), key.clone());
+        self.users.insert(
+            key.clone(),
+            LiveUser { actor: actor.clone(), last_used: self.tick, last_used_ms: now_ms },
+        );
+        Ok(actor)
+    }
+}
+
+impl Actor for ShardActor {
+    type Msg = ShardMsg;
+    type State = ShardActorState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        args: ShardArgs,
+    ) -> Result<ShardActorState, ActorProcessingErr> {
+        myself.send_interval(SWEEP_INTERVAL, || ShardMsg::Sweep);
+        let purge_due_ms = args.clock.now_ms().saturating_add(args.purge_interval_ms);
+        Ok(ShardActorState {
+            args,
+            users: HashMap::new(),
+            lru: BTreeMap::new(),
+            by_actor: HashMap::new(),
+            tick: 0,
+            purge_after: None,
+            purge_due_ms,
+            purge_running: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Check(query, reply) => match state.args.reader.owner_of(&query.session_id)? {
+                None => {
+                    let applied_index = state.args.reader.applied_index();
+                    let _ = reply.send(CheckAnswer { verdict: Verdict::Unknown, user: None, applied_index });
+                }
+                Some(key) => {
+                    let actor = state.user_actor(&myself, &key).await?;
+                    actor.send_message(UserMsg::Check(query, reply))?;
+                }
+            },
+            ShardMsg::GetUser(key, reply) => {
+                let actor = state.user_actor(&myself, &key).await?;
+                actor.send_message(UserMsg::Get(reply))?;
+            }
+            ShardMsg::Write(envelope, reply) => {
+                let raft = state.args.raft.clone();
+                let shard = state.args.shard;
+                // Waiting for commit happens off the actor, so checks keep flowing meanwhile.
+                tokio::spawn(async move {
+                    let _ = reply.send(propose(&raft, shard, envelope).await);
+                });
+            }
+            ShardMsg::Applied(users) => {
+                for (key, user) in users {
+                    if let Some(live) = state.users.get(&key) {
+                        // A dead actor is cleaned up by supervision; its state is in storage.
+                        let _ = live.actor.send_message(UserMsg::Update(user));
+                    }
+                }
+            }
+            ShardMsg::Status(reply) => {
+                let _ = reply.send(status(state));
+            }
+            ShardMsg::Sweep => sweep(&myself, state),
+            ShardMsg::PurgeProgress(next) => {
+                state.purge_running = false;
+                state.purge_after = next.clone();
+                if next.is_none() {
+                    state.purge_due_ms =
+                        state.args.clock.now_ms().saturating_add(state.args.purge_interval_ms);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        event: SupervisionEvent,
+        state: &mut ShardActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A user actor that failed or stopped is forgotten; the next request rebuilds it from
+        // storage. The shard actor itself keeps running.
+        if let SupervisionEvent::ActorFailed(cell, _) | SupervisionEvent::ActorTerminated(cell, _, _) = event
+        {
+            if let Some(key) = state.by_actor.remove(&cell.get_id()) {
+                if state.users.get(&key).is_some_and(|l| l.actor.get_id() == cell.get_id()) {
+                    if let Some(live) = state.users.remove(&key) {
+                        state.lru.remove(&live.last_used);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        _state: &mut ShardActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        Ok(())
+    }
+}
+
+/// Propose a command and wait until it is committed and applied.
+pub async fn propose(raft: &Raft, shard: ShardId, envelope: Envelope) -> Result<Applied, WriteError> {
+    match raft.client_write(envelope).await {
+        Ok(resp) => Ok(resp.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(WriteError::NotLeader { shard, leader: f.leader_id })
+        }
+        Err(e) => Err(WriteError::Unavailable { shard, reason: e.to_string() }),
+    }
+}
+
+fn sweep(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
+    let now_ms = state.args.clock.now_ms();
+    let idle: Vec<UserKey> = state
+        .users
+        .iter()
+        .filter(|(_, l)| now_ms.saturating_sub(l.last_used_ms) >= state.args.user_idle_ms)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in idle {
+        state.passivate(&key);
+    }
+    let leading = state.args.raft.metrics().borrow().current_leader == Some(state.args.raft_node_id());
+    let due = state.purge_after.is_some() || now_ms >= state.purge_due_ms;
+    if leading && due && !state.purge_running {
+        state.purge_running = true;
+        let raft = state.args.raft.clone();
+        let shard = state.args.shard;
+        let after = state.purge_after.clone();
+        let envelope = Envelope::new(now_ms, Command::Purge { after, max_users: PURGE_USERS_PER_COMMAND });
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let next = match propose(&raft, shard, envelope).await {
+                Ok(Applied { outcome: Outcome::Purged { next, n_sessions, n_users }, .. }) => {
+                    if n_sessions > 0 || n_users > 0 {
+                        tracing::info!(shard, n_sessions, n_users, "purged sessions past retention");
+                    }
+                    next
+                }
+                Ok(other) => {
+                    tracing::warn!(shard, ?other.outcome, "unexpected purge outcome");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(shard, error = %e, "purge step not applied");
+                    None
+                }
+            };
+            let _ = me.send_message(ShardMsg::PurgeProgress(next));
+        });
+    }
+}
+
+impl ShardArgs {
+    fn raft_node_id(&self) -> NodeId {
+        self.raft.metrics().borrow().id
+    }
+}
+
+fn status(state: &ShardActorState) -> ShardStatusInfo {
+    let m = state.args.raft.metrics().borrow().clone();
+    ShardStatusInfo {
+        shard: state.args.shard,
+        leader: m.current_leader,
+        role: format!("{:?}", m.state),
+        term: m.current_term,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        live_user_actors: state.users.len(),
+    }
+}

@@ -1,0 +1,581 @@
+//! The public `cascade.v1.Cascade` gRPC service: input validation, command construction and the
+//! mapping of outcomes to responses. No business rule is decided here: `cascade_core` decides.
+
+use super::ctx::NodeCtx;
+use super::status::ApiError;
+use crate::actors::{CheckAnswer, CheckQuery};
+use cascade_core::validity::verdict;
+use cascade_protocol::command::{
+    Command, CreateSession, DeviceBinding, Reason, Revocation, SessionMetadata, WatermarkScope,
+};
+use cascade_protocol::ids::{RefreshToken, SessionId, UserKey};
+use cascade_protocol::limits::{self as lim, FieldError};
+use cascade_protocol::outcome::{Outcome, Refusal, Verdict};
+use cascade_protocol::pb;
+use cascade_protocol::pb::cascade_server::Cascade;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct CascadeService {
+    pub ctx: Arc<NodeCtx>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn session_id(field: &'static str, s: &str) -> Result<SessionId, ApiError> {
+    if s.is_empty() {
+        return Err(FieldError::new(field, "must not be empty").into());
+    }
+    s.parse().map_err(|e: cascade_protocol::ids::IdError| FieldError::new(field, e.to_string()).into())
+}
+
+fn user_key(tenant: &str, user_id: &str) -> Result<UserKey, ApiError> {
+    lim::check_id("tenant", tenant, lim::TENANT_LEN_MAX)?;
+    lim::check_id("user_id", user_id, lim::ID_LEN_MAX)?;
+    Ok(UserKey::new(tenant, user_id))
+}
+
+fn optional_jkt(jkt: &str) -> Result<Option<String>, ApiError> {
+    if jkt.is_empty() {
+        return Ok(None);
+    }
+    lim::check_jkt("jkt", jkt)?;
+    Ok(Some(jkt.to_owned()))
+}
+
+fn amr(values: &[String]) -> Result<Vec<String>, ApiError> {
+    if values.len() > lim::AMR_VALUES_MAX {
+        return Err(FieldError::new(
+            "amr",
+            format!("at most {} values, got {}", lim::AMR_VALUES_MAX, values.len()),
+        )
+        .into());
+    }
+    for v in values {
+        lim::check_id("amr", v, lim::AMR_LEN_MAX)?;
+    }
+    Ok(values.to_vec())
+}
+
+fn reason_from_pb(code: i32) -> Result<Reason, ApiError> {
+    use pb::ReasonCode as R;
+    let code = R::try_from(code)
+        .map_err(|_| FieldError::new("revocation.reason", format!("unknown reason code {code}")))?;
+    Ok(match code {
+        R::ReasonUnspecified => Reason::Unspecified,
+        R::Logout => Reason::Logout,
+        R::Admin => Reason::Admin,
+        R::Compromised => Reason::Compromised,
+        R::RefreshTokenReuse => Reason::RefreshTokenReuse,
+        R::SessionLimit => Reason::SessionLimit,
+        R::Policy => Reason::Policy,
+        R::ParentRevoked => Reason::ParentRevoked,
+        R::DeviceRevoked => Reason::DeviceRevoked,
+        R::UserRevoked => Reason::UserRevoked,
+        R::Watermark => Reason::Watermark,
+    })
+}
+
+fn reason_to_pb(r: Reason) -> pb::ReasonCode {
+    use pb::ReasonCode as R;
+    match r {
+        Reason::Unspecified => R::ReasonUnspecified,
+        Reason::Logout => R::Logout,
+        Reason::Admin => R::Admin,
+        Reason::Compromised => R::Compromised,
+        Reason::RefreshTokenReuse => R::RefreshTokenReuse,
+        Reason::SessionLimit => R::SessionLimit,
+        Reason::Policy => R::Policy,
+        Reason::ParentRevoked => R::ParentRevoked,
+        Reason::DeviceRevoked => R::DeviceRevoked,
+        Reason::UserRevoked => R::UserRevoked,
+        Reason::Watermark => R::Watermark,
+    }
+}
+
+fn verdict_to_pb(v: Verdict) -> (pb::CheckStatus, pb::ReasonCode) {
+    match v {
+        Verdict::Valid => (pb::CheckStatus::Valid, pb::ReasonCode::ReasonUnspecified),
+        Verdict::Revoked(r) => (pb::CheckStatus::Revoked, reason_to_pb(r)),
+        Verdict::Expired => (pb::CheckStatus::Expired, pb::ReasonCode::ReasonUnspecified),
+        Verdict::Unknown => (pb::CheckStatus::Unknown, pb::ReasonCode::ReasonUnspecified),
+        Verdict::DeviceMismatch => (pb::CheckStatus::DeviceMismatch, pb::ReasonCode::ReasonUnspecified),
+        Verdict::StepUpRequired => (pb::CheckStatus::StepUpRequired, pb::ReasonCode::ReasonUnspecified),
+    }
+}
+
+fn revocation(r: Option<pb::Revocation>) -> Result<Revocation, ApiError> {
+    let r = r.unwrap_or_default();
+    lim::check_text("revocation.text", &r.text, lim::TEXT_LEN_MAX)?;
+    lim::check_text("revocation.actor", &r.actor, lim::ACTOR_LEN_MAX)?;
+    let actor = if r.actor.is_empty() { "unauthenticated".to_owned() } else { r.actor };
+    Ok(Revocation { reason: reason_from_pb(r.reason)?, text: r.text, actor })
+}
+
+fn sha256(secret: u128) -> [u8; 32] {
+    Sha256::digest(secret.to_be_bytes()).into()
+}
+
+fn ids(v: &[SessionId]) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
+/// Turn an outcome that is not the expected one into an error.
+fn unexpected(outcome: Outcome) -> ApiError {
+    match outcome {
+        Outcome::Refused(r) => ApiError::Refused(r),
+        other => ApiError::Internal(format!("unexpected outcome {other:?}")),
+    }
+}
+
+impl CascadeService {
+    fn check_response(&self, q: &CheckQuery, a: CheckAnswer) -> pb::CheckSessionResponse {
+        let (status, reason) = verdict_to_pb(a.verdict);
+        let mut resp = pb::CheckSessionResponse {
+            status: status as i32,
+            reason: reason as i32,
+            freshness: Some(pb::Freshness {
+                applied_index: a.applied_index,
+                // A single-member group's leader is the quorum: its applied state is current.
+                staleness_bound_ms: 0,
+                node_id: self.ctx.node_id,
+            }),
+            ..Default::default()
+        };
+        if let Some(u) = &a.user {
+            if let Some(s) = u.sessions.get(&q.session_id) {
+                resp.user_id = u.key.user_id.clone();
+                resp.tenant = u.key.tenant.clone();
+                resp.client_id = s.client_id.clone();
+                resp.aal = u32::from(s.aal);
+                resp.expires_at_ms = s.expires_at_ms;
+            }
+        }
+        resp
+    }
+
+    fn query(&self, r: &pb::CheckSessionRequest) -> Result<CheckQuery, ApiError> {
+        let session_id = session_id("session_id", &r.session_id)?;
+        let jkt = optional_jkt(&r.jkt)?;
+        let required_aal =
+            if r.required_aal == 0 { 0 } else { lim::check_aal("required_aal", r.required_aal)? };
+        Ok(CheckQuery { session_id, jkt, required_aal })
+    }
+
+    async fn check_one(&self, r: &pb::CheckSessionRequest) -> Result<pb::CheckSessionResponse, ApiError> {
+        let q = self.query(r)?;
+        if q.session_id.shard >= self.ctx.n_shards {
+            // Well-formed but from no shard of this cluster: it cannot exist here.
+            let a = CheckAnswer { verdict: Verdict::Unknown, user: None, applied_index: 0 };
+            return Ok(self.check_response(&q, a));
+        }
+        let a = self.ctx.check(q.clone()).await?;
+        Ok(self.check_response(&q, a))
+    }
+
+    async fn revoke(&self, session_id: SessionId, command: Command) -> Result<pb::RevokeResponse, ApiError> {
+        match self.ctx.write(session_id.shard, command).await?.outcome {
+            Outcome::Revoked { revoked, at_ms } => {
+                Ok(pb::RevokeResponse { revoked_session_ids: ids(&revoked), revoked_at_ms: at_ms })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn owned_shard(&self, id: SessionId) -> Result<SessionId, ApiError> {
+        if id.shard >= self.ctx.n_shards {
+            return Err(Refusal::SessionNotFound.into());
+        }
+        Ok(id)
+    }
+}
+
+#[tonic::async_trait]
+impl Cascade for CascadeService {
+    async fn check_session(
+        &self,
+        request: Request<pb::CheckSessionRequest>,
+    ) -> Reply<pb::CheckSessionResponse> {
+        Ok(Response::new(self.check_one(request.get_ref()).await?))
+    }
+
+    async fn check_session_batch(
+        &self,
+        request: Request<pb::CheckSessionBatchRequest>,
+    ) -> Reply<pb::CheckSessionBatchResponse> {
+        let checks = &request.get_ref().checks;
+        if checks.len() > lim::CHECK_BATCH_LEN_MAX {
+            let e = FieldError::new(
+                "checks",
+                format!("at most {} per batch, got {}", lim::CHECK_BATCH_LEN_MAX, checks.len()),
+            );
+            return Err(ApiError::from(e).into());
+        }
+        // Validate everything before doing anything, so a bad entry fails the batch cleanly.
+        for (i, c) in checks.iter().enumerate() {
+            self.query(c).map_err(|e| match e {
+                ApiError::Field(f) => Status::invalid_argument(format!("checks[{i}].{f}")),
+                other => other.into(),
+            })?;
+        }
+        let results = futures::future::join_all(checks.iter().map(|c| self.check_one(c))).await;
+        let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::CheckSessionBatchResponse { results }))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Reply<pb::CreateSessionResponse> {
+        let r = request.into_inner();
+        let user = user_key(&r.tenant, &r.user_id)?;
+        lim::check_id("client_id", &r.client_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
+        let device = match (r.device_id.is_empty(), r.jkt.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                lim::check_id("device_id", &r.device_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
+                lim::check_jkt("jkt", &r.jkt).map_err(ApiError::from)?;
+                Some(DeviceBinding { device_id: r.device_id.clone(), jkt: r.jkt.clone() })
+            }
+            _ => {
+                return Err(ApiError::from(FieldError::new(
+                    "device_id",
+                    "device_id and jkt must be given together",
+                ))
+                .into())
+            }
+        };
+        let aal = lim::check_aal("aal", r.aal).map_err(ApiError::from)?;
+        let amr = amr(&r.amr)?;
+        if r.ttl_ms == 0 || r.ttl_ms > lim::TTL_MS_MAX {
+            let e = FieldError::new(
+                "ttl_ms",
+                format!("must be between 1 and {} ms, got {}", lim::TTL_MS_MAX, r.ttl_ms),
+            );
+            return Err(ApiError::from(e).into());
+        }
+        if r.idle_timeout_ms > lim::TTL_MS_MAX {
+            let e = FieldError::new("idle_timeout_ms", format!("must be at most {} ms", lim::TTL_MS_MAX));
+            return Err(ApiError::from(e).into());
+        }
+        let shard = user.shard(self.ctx.n_shards);
+        let parent = if r.parent_session_id.is_empty() {
+            None
+        } else {
+            let p = session_id("parent_session_id", &r.parent_session_id)?;
+            if p.shard != shard {
+                // The parent must belong to the same user, hence to the same shard.
+                return Err(ApiError::from(Refusal::ParentNotFound).into());
+            }
+            Some(p)
+        };
+        let metadata = r.metadata.unwrap_or_default();
+        lim::check_text("metadata.ip", &metadata.ip, lim::IP_LEN_MAX).map_err(ApiError::from)?;
+        lim::check_text("metadata.user_agent", &metadata.user_agent, lim::USER_AGENT_LEN_MAX)
+            .map_err(ApiError::from)?;
+        lim::check_text("metadata.region", &metadata.region, lim::REGION_LEN_MAX).map_err(ApiError::from)?;
+
+        // Ids and secrets are drawn here, never inside the state machine.
+        let session_id = SessionId { shard, nonce: rand::random::<u128>() };
+        let refresh =
+            r.with_refresh_token.then(|| RefreshToken { session_id, generation: 1, secret: rand::random() });
+        let command = Command::CreateSession(Box::new(CreateSession {
+            session_id,
+            user,
+            client_id: r.client_id,
+            device,
+            aal,
+            amr,
+            ttl_ms: r.ttl_ms,
+            idle_timeout_ms: r.idle_timeout_ms,
+            parent,
+            refresh_secret_sha256: refresh.map(|t| sha256(t.secret)),
+            metadata: SessionMetadata {
+                ip: metadata.ip,
+                user_agent: metadata.user_agent,
+                region: metadata.region,
+            },
+        }));
+        match self.ctx.write(shard, command).await?.outcome {
+            Outcome::Created { session_id, created_at_ms, expires_at_ms, evicted } => {
+                Ok(Response::new(pb::CreateSessionResponse {
+                    session_id: session_id.to_string(),
+                    refresh_token: refresh.map(|t| t.to_string()).unwrap_or_default(),
+                    created_at_ms,
+                    expires_at_ms,
+                    evicted_session_ids: ids(&evicted),
+                }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn touch_session(
+        &self,
+        request: Request<pb::TouchSessionRequest>,
+    ) -> Reply<pb::TouchSessionResponse> {
+        let id = self.owned_shard(session_id("session_id", &request.get_ref().session_id)?)?;
+        let q = CheckQuery { session_id: id, jkt: None, required_aal: 0 };
+        let answer = self.ctx.check(q).await?;
+        let session = answer.user.as_ref().and_then(|u| u.sessions.get(&id));
+        let Some(session) = session else { return Err(ApiError::from(Refusal::SessionNotFound).into()) };
+        if matches!(answer.verdict, Verdict::Revoked(_) | Verdict::Expired) {
+            return Err(ApiError::from(Refusal::SessionNotActive).into());
+        }
+        // Coalesce: skip the write if the last touch is recent. The window is capped at a quarter
+        // of the idle timeout so an active session can never idle out between written touches.
+        let window = self.ctx.touch_coalesce_ms.min(session.idle_timeout_ms / 4);
+        let now = self.ctx.clock.now_ms();
+        if session.idle_timeout_ms == 0 || now < session.last_seen_ms.saturating_add(window) {
+            let idle_expires_at_ms = if session.idle_timeout_ms == 0 {
+                0
+            } else {
+                session.last_seen_ms.saturating_add(session.idle_timeout_ms)
+            };
+            return Ok(Response::new(pb::TouchSessionResponse { idle_expires_at_ms, written: false }));
+        }
+        match self.ctx.write(id.shard, Command::Touch { session_id: id }).await?.outcome {
+            Outcome::Touched { idle_expires_at_ms } => {
+                Ok(Response::new(pb::TouchSessionResponse { idle_expires_at_ms, written: true }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn step_up_session(
+        &self,
+        request: Request<pb::StepUpSessionRequest>,
+    ) -> Reply<pb::StepUpSessionResponse> {
+        let r = request.into_inner();
+        let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
+        let aal = lim::check_aal("aal", r.aal).map_err(ApiError::from)?;
+        let amr = amr(&r.amr)?;
+        match self.ctx.write(id.shard, Command::StepUp { session_id: id, aal, amr }).await?.outcome {
+            Outcome::SteppedUp { aal } => {
+                Ok(Response::new(pb::StepUpSessionResponse { aal: u32::from(aal) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        request: Request<pb::RotateRefreshTokenRequest>,
+    ) -> Reply<pb::RotateRefreshTokenResponse> {
+        let raw = &request.get_ref().refresh_token;
+        if raw.is_empty() {
+            return Err(ApiError::from(FieldError::new("refresh_token", "must not be empty")).into());
+        }
+        let token: RefreshToken = raw.parse().map_err(|e: cascade_protocol::ids::IdError| {
+            ApiError::from(FieldError::new("refresh_token", e.to_string()))
+        })?;
+        let id = self.owned_shard(token.session_id)?;
+        let next = RefreshToken {
+            session_id: id,
+            generation: token.generation.wrapping_add(1),
+            secret: rand::random(),
+        };
+        let command = Command::RotateRefresh {
+            session_id: id,
+            generation: token.generation,
+            secret_sha256: sha256(token.secret),
+            new_secret_sha256: sha256(next.secret),
+        };
+        match self.ctx.write(id.shard, command).await?.outcome {
+            Outcome::Rotated { generation } => Ok(Response::new(pb::RotateRefreshTokenResponse {
+                refresh_token: RefreshToken { generation, ..next }.to_string(),
+                generation,
+                reuse_detected: false,
+                revoked_session_ids: vec![],
+            })),
+            Outcome::ReuseDetected { revoked } => Ok(Response::new(pb::RotateRefreshTokenResponse {
+                refresh_token: String::new(),
+                generation: 0,
+                reuse_detected: true,
+                revoked_session_ids: ids(&revoked),
+            })),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn list_user_sessions(
+        &self,
+        request: Request<pb::ListUserSessionsRequest>,
+    ) -> Reply<pb::ListUserSessionsResponse> {
+        let r = request.get_ref();
+        let key = user_key(&r.tenant, &r.user_id)?;
+        let Some(user) = self.ctx.user(&key).await? else {
+            return Err(ApiError::from(Refusal::UserNotFound).into());
+        };
+        let shard = key.shard(self.ctx.n_shards);
+        let meta = self.ctx.meta(shard);
+        let now = self.ctx.clock.now_ms().max(meta.clock_ms);
+        let sessions = user
+            .sessions
+            .values()
+            .map(|s| {
+                let (status, reason) = verdict_to_pb(verdict(&meta, &user, s, s.jkt.as_deref(), 0, now));
+                pb::SessionInfo {
+                    session_id: s.id.to_string(),
+                    client_id: s.client_id.clone(),
+                    device_id: s.device_id.clone().unwrap_or_default(),
+                    aal: u32::from(s.aal),
+                    created_at_ms: s.created_at_ms,
+                    expires_at_ms: s.expires_at_ms,
+                    last_seen_ms: s.last_seen_ms,
+                    parent_session_id: s.parent.map(|p| p.to_string()).unwrap_or_default(),
+                    status: status as i32,
+                    reason: reason as i32,
+                    refresh_generation: s.refresh.as_ref().map_or(0, |f| f.generation),
+                }
+            })
+            .collect();
+        let devices = user
+            .devices
+            .values()
+            .map(|d| pb::DeviceInfo {
+                device_id: d.device_id.clone(),
+                jkt: d.jkt.clone(),
+                first_seen_ms: d.first_seen_ms,
+                watermark_ms: d.watermark_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListUserSessionsResponse {
+            sessions,
+            devices,
+            user_watermark_ms: user.watermark_ms,
+        }))
+    }
+
+    async fn revoke_session(&self, request: Request<pb::RevokeSessionRequest>) -> Reply<pb::RevokeResponse> {
+        let r = request.into_inner();
+        let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
+        let revocation = revocation(r.revocation)?;
+        Ok(Response::new(self.revoke(id, Command::RevokeSession { session_id: id, revocation }).await?))
+    }
+
+    async fn revoke_family(&self, request: Request<pb::RevokeFamilyRequest>) -> Reply<pb::RevokeResponse> {
+        let r = request.into_inner();
+        let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
+        let revocation = revocation(r.revocation)?;
+        Ok(Response::new(self.revoke(id, Command::RevokeFamily { session_id: id, revocation }).await?))
+    }
+
+    async fn revoke_device(&self, request: Request<pb::RevokeDeviceRequest>) -> Reply<pb::RevokeResponse> {
+        let r = request.into_inner();
+        let user = user_key(&r.tenant, &r.user_id)?;
+        lim::check_id("device_id", &r.device_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
+        let revocation = revocation(r.revocation)?;
+        let shard = user.shard(self.ctx.n_shards);
+        let command = Command::RevokeDevice { user, device_id: r.device_id, revocation };
+        match self.ctx.write(shard, command).await?.outcome {
+            Outcome::Revoked { revoked, at_ms } => Ok(Response::new(pb::RevokeResponse {
+                revoked_session_ids: ids(&revoked),
+                revoked_at_ms: at_ms,
+            })),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn revoke_user(&self, request: Request<pb::RevokeUserRequest>) -> Reply<pb::RevokeResponse> {
+        let r = request.into_inner();
+        let user = user_key(&r.tenant, &r.user_id)?;
+        let revocation = revocation(r.revocation)?;
+        let shard = user.shard(self.ctx.n_shards);
+        match self.ctx.write(shard, Command::RevokeUser { user, revocation }).await?.outcome {
+            Outcome::Revoked { revoked, at_ms } => Ok(Response::new(pb::RevokeResponse {
+                revoked_session_ids: ids(&revoked),
+                revoked_at_ms: at_ms,
+            })),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn set_watermark(
+        &self,
+        request: Request<pb::SetWatermarkRequest>,
+    ) -> Reply<pb::SetWatermarkResponse> {
+        let r = request.into_inner();
+        let revocation = revocation(r.revocation)?;
+        lim::check_id("tenant", &r.tenant, lim::TENANT_LEN_MAX).map_err(ApiError::from)?;
+        let scope = match pb::WatermarkScope::try_from(r.scope) {
+            Ok(pb::WatermarkScope::Tenant) => WatermarkScope::Tenant { tenant: r.tenant },
+            Ok(pb::WatermarkScope::Client) => {
+                lim::check_id("client_id", &r.client_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
+                WatermarkScope::Client { tenant: r.tenant, client_id: r.client_id }
+            }
+            Ok(pb::WatermarkScope::User) => WatermarkScope::User { user: user_key(&r.tenant, &r.user_id)? },
+            Ok(pb::WatermarkScope::Device) => {
+                lim::check_id("device_id", &r.device_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
+                WatermarkScope::Device { user: user_key(&r.tenant, &r.user_id)?, device_id: r.device_id }
+            }
+            _ => {
+                let e = FieldError::new("scope", "must be TENANT, CLIENT, USER or DEVICE");
+                return Err(ApiError::from(e).into());
+            }
+        };
+        // Resolve "now" once so every shard gets the same watermark.
+        let now = self.ctx.clock.now_ms();
+        let not_before_ms = if r.not_before_ms == 0 { now } else { r.not_before_ms };
+        let command = Command::SetWatermark { scope: scope.clone(), not_before_ms, revocation };
+        let shards: Vec<u16> = match &scope {
+            WatermarkScope::User { user } | WatermarkScope::Device { user, .. } => {
+                vec![user.shard(self.ctx.n_shards)]
+            }
+            // Tenant and client watermarks apply to users on every shard: one O(1) command each.
+            WatermarkScope::Tenant { .. } | WatermarkScope::Client { .. } => (0..self.ctx.n_shards).collect(),
+        };
+        let envelope = cascade_protocol::command::Envelope::new(now, command);
+        let results =
+            futures::future::join_all(shards.iter().map(|s| self.ctx.write_envelope(*s, envelope.clone())))
+                .await;
+        let total = results.len();
+        let mut watermark_ms = 0;
+        let mut applied = 0;
+        let mut failure = None;
+        for result in results {
+            match result.map(|a| a.outcome) {
+                Ok(Outcome::WatermarkSet { watermark_ms: w }) => {
+                    applied += 1;
+                    watermark_ms = watermark_ms.max(w);
+                }
+                Ok(other) => return Err(unexpected(other).into()),
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            if total == 1 {
+                return Err(e.into());
+            }
+            return Err(ApiError::Partial { applied, total, reason: e.to_string() }.into());
+        }
+        Ok(Response::new(pb::SetWatermarkResponse { watermark_ms, shards: applied as u32 }))
+    }
+
+    async fn node_status(&self, _request: Request<pb::NodeStatusRequest>) -> Reply<pb::NodeStatusResponse> {
+        let mut shards = Vec::with_capacity(usize::from(self.ctx.n_shards));
+        let mut live = 0u64;
+        for shard in 0..self.ctx.n_shards {
+            let s = self.ctx.shard_status(shard).await?;
+            live += s.live_user_actors as u64;
+            shards.push(pb::ShardStatus {
+                shard: u32::from(s.shard),
+                leader: s.leader.unwrap_or(0),
+                role: s.role,
+                term: s.term,
+                last_log_index: s.last_log_index,
+                applied_index: s.applied_index,
+                snapshot_index: s.snapshot_index,
+                live_user_actors: s.live_user_actors as u64,
+            });
+        }
+        Ok(Response::new(pb::NodeStatusResponse {
+            node_id: self.ctx.node_id,
+            region: self.ctx.region.clone(),
+            n_shards: u32::from(self.ctx.n_shards),
+            shards,
+            live_user_actors: live,
+        }))
+    }
+}

@@ -1,0 +1,6 @@
+//! gRPC services of a node. Handlers validate input, build commands and carry them to shard
+//! actors; every error becomes a `tonic::Status` in one place, [`status::to_status`].
+
+pub mod cascade;
+pub mod ctx;
+pub mod status;

@@ -1,0 +1,206 @@
+//! The CLI's gRPC client: one connection to `--addr`, a deadline on every call (sent to the server
+//! as `grpc-timeout` and enforced locally), and failures turned into [`RpcError`] or
+//! [`Unreachable`] so they print as one line and map to a documented exit code.
+//!
+//! This file must not print anything or interpret answers; commands do that.
+
+use crate::cli::exit::{RpcError, Unreachable, Usage};
+use cascade_protocol::pb;
+use cascade_protocol::pb::cascade_client::CascadeClient;
+use std::future::Future;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// Grace on top of the deadline for the local safety-net timer: the channel's own deadline
+/// normally fires first and is reported the same way.
+const LOCAL_DEADLINE_GRACE: Duration = Duration::from_millis(250);
+
+/// A connected client with a per-call deadline. Cheap to clone (the channel is shared).
+#[derive(Clone)]
+pub struct Api {
+    client: CascadeClient<Channel>,
+    /// Deadline of every call.
+    timeout: Duration,
+}
+
+/// `host:port` is accepted for `http://host:port`.
+pub fn normalize_addr(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl Api {
+    /// Opens one HTTP/2 connection to `addr`, waiting at most `timeout` for it.
+    pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Api> {
+        let addr = normalize_addr(addr);
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| Usage(format!("--addr {addr:?} is not a valid URL: {e}")))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true);
+        let channel =
+            endpoint.connect().await.map_err(|e| Unreachable { addr: addr.clone(), detail: chain(&e) })?;
+        Ok(Api { client: CascadeClient::new(channel), timeout })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    async fn unary<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, RpcError> {
+        match tokio::time::timeout(self.timeout + LOCAL_DEADLINE_GRACE, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(self.rpc_error(rpc, &status)),
+            Err(_elapsed) => Err(self.deadline_error(rpc)),
+        }
+    }
+
+    fn deadline_error(&self, rpc: &'static str) -> RpcError {
+        RpcError {
+            rpc,
+            code: Code::DeadlineExceeded,
+            message: format!("no answer within {} ms (raise --timeout-ms?)", self.timeout.as_millis()),
+        }
+    }
+
+    fn rpc_error(&self, rpc: &'static str, status: &Status) -> RpcError {
+        // tonic reports its own client-side deadline as CANCELLED "Timeout expired"; that is our
+        // deadline running out, so report it as such.
+        if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+            return self.deadline_error(rpc);
+        }
+        let mut message = status.message().to_owned();
+        if message.is_empty() {
+            if let Some(source) = std::error::Error::source(status) {
+                message = chain(source);
+            }
+        }
+        RpcError { rpc, code: status.code(), message }
+    }
+
+    /// CheckSession.
+    pub async fn check_session(
+        &self,
+        m: pb::CheckSessionRequest,
+    ) -> Result<pb::CheckSessionResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("CheckSession", c.check_session(self.request(m))).await
+    }
+
+    /// CheckSessionBatch.
+    pub async fn check_session_batch(
+        &self,
+        m: pb::CheckSessionBatchRequest,
+    ) -> Result<pb::CheckSessionBatchResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("CheckSessionBatch", c.check_session_batch(self.request(m))).await
+    }
+
+    /// CreateSession.
+    pub async fn create_session(
+        &self,
+        m: pb::CreateSessionRequest,
+    ) -> Result<pb::CreateSessionResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("CreateSession", c.create_session(self.request(m))).await
+    }
+
+    /// TouchSession.
+    pub async fn touch_session(
+        &self,
+        m: pb::TouchSessionRequest,
+    ) -> Result<pb::TouchSessionResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("TouchSession", c.touch_session(self.request(m))).await
+    }
+
+    /// StepUpSession.
+    pub async fn step_up_session(
+        &self,
+        m: pb::StepUpSessionRequest,
+    ) -> Result<pb::StepUpSessionResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("StepUpSession", c.step_up_session(self.request(m))).await
+    }
+
+    /// RotateRefreshToken.
+    pub async fn rotate_refresh_token(
+        &self,
+        m: pb::RotateRefreshTokenRequest,
+    ) -> Result<pb::RotateRefreshTokenResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RotateRefreshToken", c.rotate_refresh_token(self.request(m))).await
+    }
+
+    /// ListUserSessions.
+    pub async fn list_user_sessions(
+        &self,
+        m: pb::ListUserSessionsRequest,
+    ) -> Result<pb::ListUserSessionsResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("ListUserSessions", c.list_user_sessions(self.request(m))).await
+    }
+
+    /// RevokeSession.
+    pub async fn revoke_session(&self, m: pb::RevokeSessionRequest) -> Result<pb::RevokeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RevokeSession", c.revoke_session(self.request(m))).await
+    }
+
+    /// RevokeFamily.
+    pub async fn revoke_family(&self, m: pb::RevokeFamilyRequest) -> Result<pb::RevokeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RevokeFamily", c.revoke_family(self.request(m))).await
+    }
+
+    /// RevokeDevice.
+    pub async fn revoke_device(&self, m: pb::RevokeDeviceRequest) -> Result<pb::RevokeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RevokeDevice", c.revoke_device(self.request(m))).await
+    }
+
+    /// RevokeUser.
+    pub async fn revoke_user(&self, m: pb::RevokeUserRequest) -> Result<pb::RevokeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RevokeUser", c.revoke_user(self.request(m))).await
+    }
+
+    /// SetWatermark.
+    pub async fn set_watermark(
+        &self,
+        m: pb::SetWatermarkRequest,
+    ) -> Result<pb::SetWatermarkResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("SetWatermark", c.set_watermark(self.request(m))).await
+    }
+
+    /// NodeStatus.
+    pub async fn node_status(&self) -> Result<pb::NodeStatusResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("NodeStatus", c.node_status(self.request(pb::NodeStatusRequest {}))).await
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause already in the message.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}

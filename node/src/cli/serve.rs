@@ -1,0 +1,103 @@
+//! `cascade serve`: load the configuration (TOML file, then flags), bind the listener, and run a
+//! node until SIGINT or SIGTERM, then stop it cleanly.
+//!
+//! This file must not build any part of the node itself: it only calls `cascade_node::run`.
+
+use anyhow::Context;
+use cascade_node::config::NodeConfig;
+use cascade_node::seams::Seams;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Flags of `cascade serve`; each one overrides the same setting of the TOML file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (every setting has a default).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the Raft log and state machines.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Unique id of this node in its cluster (not 0).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub node_id: Option<u64>,
+    /// Number of shards; fixed for the life of the cluster's data.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub shards: Option<u16>,
+}
+
+impl ServeArgs {
+    /// The configuration to run with: defaults, then the file, then the flags.
+    pub fn config(&self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_toml_file(path)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(node_id) = self.node_id {
+            config.node_id = node_id;
+        }
+        if let Some(shards) = self.shards {
+            config.shards = shards;
+        }
+        Ok(config)
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_filter`). Safe to call twice.
+pub fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed before this returns, so a
+/// signal that arrives during start-up is not lost (nor does it kill the process uncleanly).
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    })
+}
+
+/// `cascade serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
+    init_logging("info");
+    let config = args.config()?;
+    let shutdown = shutdown_signal()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    tracing::info!(
+        node = config.node_id,
+        listen = %config.listen,
+        data_dir = %config.data_dir.display(),
+        shards = config.shards,
+        "starting"
+    );
+    let seams = Seams::production(listener, &config.data_dir);
+    cascade_node::run(config, seams, shutdown).await?;
+    tracing::info!("stopped cleanly");
+    Ok(crate::cli::exit::SUCCESS)
+}

@@ -1,0 +1,12 @@
+//! The Cascade server: configuration, the actor tree (node supervisor → shard actors → user
+//! actors), the gRPC services and how a node starts. Business rules live in `cascade_core`;
+//! replication and storage in `cascade_raft`. This crate only carries messages and performs
+//! effects.
+
+pub mod actors;
+pub mod api;
+pub mod config;
+pub mod node;
+pub mod seams;
+
+pub use node::run;

@@ -1,0 +1,134 @@
+//! How a node starts and stops: `run(config, seams, shutdown)` is the only way.
+
+use crate::actors::shard_actor::ShardArgs;
+use crate::actors::supervisor::{DirectoryObserver, NodeSupervisor, ShardDirectory, SupervisorArgs};
+use crate::api::cascade::CascadeService;
+use crate::api::ctx::NodeCtx;
+use crate::config::NodeConfig;
+use crate::seams::Seams;
+use anyhow::Context;
+use cascade_protocol::pb::cascade_server::CascadeServer;
+use cascade_protocol::raft_pb::raft_transport_server::RaftTransportServer;
+use cascade_raft::host::{HostConfig, RaftHost};
+use cascade_raft::network::{TransportServer, RAFT_MESSAGE_BYTES_MAX};
+use ractor::Actor;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long start-up waits for every shard to have a leader before serving anyway.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Largest public API request (batches of checks are far below it).
+const API_MESSAGE_BYTES_MAX: usize = 4 << 20;
+
+/// Run a node until `shutdown` resolves: open storage, start every shard, the actor tree and the
+/// gRPC services on `seams.listener`; then stop accepting, stop the actors and Raft, and flush.
+pub async fn run(
+    config: NodeConfig,
+    seams: Seams,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let limits = config.limits.to_limits()?;
+    let directory = ShardDirectory::default();
+    let observer = Arc::new(DirectoryObserver(directory.clone()));
+    let host_config = HostConfig {
+        node_id: config.node_id,
+        advertise_addr: config.advertise_addr(),
+        n_shards: config.shards,
+        limits,
+        snapshot_every_n_logs: config.snapshot_every_n_logs,
+    };
+    let host = Arc::new(RaftHost::open(host_config, seams.storage, Some(observer)).await?);
+
+    for shard in 0..config.shards {
+        if let Some(raft) = host.raft(shard) {
+            let waited = raft.wait(Some(LEADER_WAIT)).metrics(|m| m.current_leader.is_some(), "leader").await;
+            if waited.is_err() {
+                tracing::warn!(shard, "no leader after {LEADER_WAIT:?}; serving anyway");
+            }
+        }
+    }
+
+    let node_prefix = format!("n{}", config.node_id);
+    let shards = (0..config.shards)
+        .map(|shard| -> anyhow::Result<ShardArgs> {
+            Ok(ShardArgs {
+                shard,
+                node_prefix: node_prefix.clone(),
+                raft: host.raft(shard).context("shard missing from host")?,
+                reader: host.reader(shard).context("shard reader missing from host")?.clone(),
+                clock: seams.clock.clone(),
+                user_actors_max: config.user_actors_per_shard_max,
+                user_idle_ms: config.user_idle_ms,
+                purge_interval_ms: config.purge_interval_ms,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (supervisor, supervisor_done) = Actor::spawn(
+        Some(format!("{node_prefix}-supervisor")),
+        NodeSupervisor,
+        SupervisorArgs { shards, directory: directory.clone() },
+    )
+    .await
+    .context("start actors")?;
+
+    let ctx = Arc::new(NodeCtx::new(
+        config.node_id,
+        config.region.clone(),
+        directory,
+        host.clone(),
+        seams.clock.clone(),
+        config.shard_inflight_max,
+        config.touch_coalesce_ms,
+    ));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CascadeServer<CascadeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cascade_protocol::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection service")?;
+    let api = CascadeServer::new(CascadeService { ctx })
+        .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let transport = RaftTransportServer::new(TransportServer { shards: host.shards.clone() })
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let local = seams.listener.local_addr().ok();
+    tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
+    let served = tonic::transport::Server::builder()
+        .add_service(api)
+        .add_service(transport)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(seams.listener),
+            shutdown,
+        )
+        .await;
+
+    tracing::info!(node = config.node_id, "shutting down");
+    supervisor.stop(Some("node shutdown".to_owned()));
+    let _ = supervisor_done.await;
+    host.shutdown().await?;
+    served.context("grpc server")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `run` must be spawnable on a multi-threaded runtime (tests and embedders use `tokio::spawn`).
+    #[test]
+    fn run_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seams = crate::seams::Seams::production(listener, dir.path());
+        let fut = super::run(crate::config::NodeConfig::default(), seams, std::future::pending());
+        assert_send(&fut);
+    }
+}
