@@ -70,7 +70,9 @@ impl HostConfig {
             election_timeout_max: 600,
             install_snapshot_timeout: 2_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_n_logs),
-            max_in_snapshot_log_to_keep: 200,
+            // Keep a tail behind each snapshot so a briefly lagging follower catches up from
+            // the log instead of a full snapshot.
+            max_in_snapshot_log_to_keep: self.snapshot_every_n_logs / 4,
             snapshot_max_chunk_size: 4 << 20,
             ..Default::default()
         };
