@@ -55,7 +55,9 @@ impl FromStr for SessionId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
         let hex = s.strip_prefix(SESSION_ID_PREFIX).ok_or(IdError::SessionIdFormat)?;
-        if hex.len() != SESSION_ID_HEX_LEN {
+        // ASCII first: slicing below is by byte, and a multi-byte character must be refused, not
+        // split.
+        if hex.len() != SESSION_ID_HEX_LEN || !hex.is_ascii() {
             return Err(IdError::SessionIdFormat);
         }
         let shard = parse_hex_u128(&hex[..4]).ok_or(IdError::SessionIdFormat)? as ShardId;
@@ -194,6 +196,15 @@ mod tests {
             let t = RefreshToken { session_id: SessionId { shard, nonce }, generation, secret };
             let back: RefreshToken = t.to_string().parse().unwrap();
             prop_assert!(back == t);
+        }
+
+        /// Hostile input: parsing any string is an answer, never a panic.
+        #[test]
+        fn parsing_never_panics(s in "\\PC{0,80}", tail in "[0-9a-fé_]{0,80}") {
+            let _ = s.parse::<SessionId>();
+            let _ = s.parse::<RefreshToken>();
+            let _ = format!("cs_{tail}").parse::<SessionId>();
+            let _ = format!("rt_{tail}").parse::<RefreshToken>();
         }
 
         #[test]
