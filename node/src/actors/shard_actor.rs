@@ -46,6 +46,9 @@ pub enum ShardMsg {
     Sweep,
     /// A purge step finished; continue after this user next time.
     PurgeProgress(Option<UserKey>),
+    /// Tests only: fail this actor, to exercise supervision.
+    #[cfg(test)]
+    Crash,
 }
 
 /// What `cascade status` shows per shard.
@@ -219,6 +222,8 @@ impl Actor for ShardActor {
                 let _ = reply.send(status(state));
             }
             ShardMsg::Sweep => sweep(&myself, state),
+            #[cfg(test)]
+            ShardMsg::Crash => return Err("crash requested by a test".into()),
             ShardMsg::PurgeProgress(next) => {
                 state.purge_running = false;
                 state.purge_after = next.clone();

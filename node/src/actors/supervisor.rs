@@ -131,3 +131,57 @@ impl Actor for NodeSupervisor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::shard_actor::{ShardArgs, ShardMsg};
+    use crate::seams::SystemClock;
+    use cascade_raft::host::{HostConfig, MemStorage, RaftHost, Storage};
+    use std::time::{Duration, Instant};
+
+    /// A failed shard actor is replaced by the supervisor, and the replacement serves the shard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_shard_actor_is_restarted() {
+        let directory = ShardDirectory::default();
+        let config = HostConfig {
+            node_id: 77,
+            advertise_addr: "127.0.0.1:1".into(),
+            n_shards: 1,
+            limits: Default::default(),
+            snapshot_every_n_logs: 1_000,
+        };
+        let observer = Arc::new(DirectoryObserver(directory.clone()));
+        let host = RaftHost::open(config, Storage::Memory(MemStorage::default()), Some(observer))
+            .await
+            .expect("open");
+        let shard = ShardArgs {
+            shard: 0,
+            node_prefix: "n77".into(),
+            raft: host.raft(0).expect("shard"),
+            reader: host.reader(0).expect("reader").clone(),
+            clock: Arc::new(SystemClock),
+            user_actors_max: 4,
+            user_idle_ms: 60_000,
+            purge_interval_ms: 60_000,
+        };
+        let args = SupervisorArgs { shards: vec![shard], directory: directory.clone() };
+        let (supervisor, done) =
+            Actor::spawn(Some("n77-supervisor".into()), NodeSupervisor, args).await.expect("spawn");
+        let first = directory.get(0).expect("shard actor started");
+        first.send_message(ShardMsg::Crash).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let replacement = loop {
+            if let Some(a) = directory.get(0).filter(|a| a.get_id() != first.get_id()) {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "shard actor was not restarted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let status = replacement.call(ShardMsg::Status, Some(Duration::from_secs(5))).await.expect("call");
+        assert!(matches!(status, ractor::rpc::CallResult::Success(s) if s.shard == 0));
+        supervisor.stop(None);
+        let _ = done.await;
+        host.shutdown().await.expect("shutdown");
+    }
+}
