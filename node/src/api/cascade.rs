@@ -174,8 +174,9 @@ impl CascadeService {
         Ok(self.check_response(&q, a))
     }
 
-    async fn revoke(&self, session_id: SessionId, command: Command) -> Result<pb::RevokeResponse, ApiError> {
-        match self.ctx.write(session_id.shard, command).await?.outcome {
+    /// Propose a revocation to `shard` and report what it revoked.
+    async fn revoke(&self, shard: u16, command: Command) -> Result<pb::RevokeResponse, ApiError> {
+        match self.ctx.write(shard, command).await?.outcome {
             Outcome::Revoked { revoked, at_ms } => {
                 Ok(pb::RevokeResponse { revoked_session_ids: ids(&revoked), revoked_at_ms: at_ms })
             }
@@ -452,14 +453,14 @@ impl Cascade for CascadeService {
         let r = request.into_inner();
         let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
         let revocation = revocation(r.revocation)?;
-        Ok(Response::new(self.revoke(id, Command::RevokeSession { session_id: id, revocation }).await?))
+        Ok(Response::new(self.revoke(id.shard, Command::RevokeSession { session_id: id, revocation }).await?))
     }
 
     async fn revoke_family(&self, request: Request<pb::RevokeFamilyRequest>) -> Reply<pb::RevokeResponse> {
         let r = request.into_inner();
         let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
         let revocation = revocation(r.revocation)?;
-        Ok(Response::new(self.revoke(id, Command::RevokeFamily { session_id: id, revocation }).await?))
+        Ok(Response::new(self.revoke(id.shard, Command::RevokeFamily { session_id: id, revocation }).await?))
     }
 
     async fn revoke_device(&self, request: Request<pb::RevokeDeviceRequest>) -> Reply<pb::RevokeResponse> {
@@ -469,13 +470,7 @@ impl Cascade for CascadeService {
         let revocation = revocation(r.revocation)?;
         let shard = user.shard(self.ctx.n_shards);
         let command = Command::RevokeDevice { user, device_id: r.device_id, revocation };
-        match self.ctx.write(shard, command).await?.outcome {
-            Outcome::Revoked { revoked, at_ms } => Ok(Response::new(pb::RevokeResponse {
-                revoked_session_ids: ids(&revoked),
-                revoked_at_ms: at_ms,
-            })),
-            other => Err(unexpected(other).into()),
-        }
+        Ok(Response::new(self.revoke(shard, command).await?))
     }
 
     async fn revoke_user(&self, request: Request<pb::RevokeUserRequest>) -> Reply<pb::RevokeResponse> {
@@ -483,13 +478,7 @@ impl Cascade for CascadeService {
         let user = user_key(&r.tenant, &r.user_id)?;
         let revocation = revocation(r.revocation)?;
         let shard = user.shard(self.ctx.n_shards);
-        match self.ctx.write(shard, Command::RevokeUser { user, revocation }).await?.outcome {
-            Outcome::Revoked { revoked, at_ms } => Ok(Response::new(pb::RevokeResponse {
-                revoked_session_ids: ids(&revoked),
-                revoked_at_ms: at_ms,
-            })),
-            other => Err(unexpected(other).into()),
-        }
+        Ok(Response::new(self.revoke(shard, Command::RevokeUser { user, revocation }).await?))
     }
 
     async fn set_watermark(
