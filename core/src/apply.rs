@@ -84,9 +84,11 @@ fn with_session(
         debug_assert!(false, "session index points at missing user {key}");
         return Outcome::Refused(Refusal::SessionNotFound);
     };
-    let meta = view.meta().clone();
-    let wm = move |u: &UserState, s: &Session| crate::validity::watermark_of(&meta, u, s);
-    let outcome = f(&mut user, &wm);
+    // Borrow the shard meta out of the view for the call instead of cloning its maps on every
+    // command; `f` only reads it, and it goes back before the view is touched again.
+    let meta = std::mem::take(view.meta_mut());
+    let outcome = f(&mut user, &|u: &UserState, s: &Session| crate::validity::watermark_of(&meta, u, s));
+    *view.meta_mut() = meta;
     view.put_user(user);
     outcome
 }
@@ -228,7 +230,8 @@ fn create_session(
     let existing = view.take_user(&c.user);
     let existed = existing.is_some();
     let mut user = existing.unwrap_or_else(|| UserState::new(c.user.clone()));
-    let meta = view.meta().clone();
+    // As in `with_session`: meta is read-only here and goes back before the view is used.
+    let meta = std::mem::take(view.meta_mut());
     let wm = |u: &UserState, s: &Session| crate::validity::watermark_of(&meta, u, s);
     let outcome = create_in_user(&mut user, limits, c, now, &wm, events);
     let keep = existed || matches!(outcome, Outcome::Created { .. });
@@ -237,6 +240,7 @@ fn create_session(
     } else {
         Vec::new()
     };
+    *view.meta_mut() = meta;
     if keep {
         view.put_user(user);
     }
