@@ -37,6 +37,70 @@ pub struct NodeConfig {
     pub purge_interval_ms: u64,
     /// Requests queued or in flight per shard before new ones get RESOURCE_EXHAUSTED.
     pub shard_inflight_max: usize,
+    /// P2: once a revocation is acknowledged, no check starting this much later answers VALID
+    /// for what it revoked. A replica answers only while it can prove freshness within it.
+    pub revocation_bound_ms: u64,
+    /// What a replica does with a check it cannot prove fresh: `forward` it to the shard's
+    /// leader (default) or answer UNAVAILABLE. Either way it never answers stale.
+    pub stale_reads: StaleReads,
+    /// The cluster this node belongs to.
+    pub cluster: ClusterConfig,
+}
+
+/// What to do with a read the local replica cannot prove fresh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StaleReads {
+    #[default]
+    Forward,
+    Unavailable,
+}
+
+/// Cluster formation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The nodes of a new cluster, this one included; read only when the data dir is fresh.
+    /// Empty: this node is a cluster of its own.
+    pub nodes: Vec<ClusterNode>,
+    /// Start without initializing any shard, to be added to a running cluster with
+    /// `cascade cluster add-node`.
+    pub join: bool,
+    /// Replicas per shard (3 or 5; fewer if the cluster has fewer nodes).
+    pub replicas: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { nodes: Vec::new(), join: false, replicas: 3 }
+    }
+}
+
+/// One node of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub id: u64,
+    /// `host:port` other nodes and clients reach it at.
+    pub addr: String,
+    pub region: String,
+}
+
+impl std::str::FromStr for ClusterNode {
+    type Err = String;
+
+    /// `ID=HOST:PORT@REGION`, e.g. `2=10.0.0.2:7400@eu-west`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("expected ID=HOST:PORT@REGION, got {s:?}");
+        let (id, rest) = s.split_once('=').ok_or_else(usage)?;
+        let (addr, region) = rest.rsplit_once('@').ok_or_else(usage)?;
+        let id: u64 =
+            id.trim().parse().map_err(|_| format!("node id {id:?} is not a number ({})", usage()))?;
+        if id == 0 || addr.is_empty() || region.is_empty() {
+            return Err(usage());
+        }
+        Ok(ClusterNode { id, addr: addr.to_owned(), region: region.to_owned() })
+    }
 }
 
 /// Per-user limits as written in the config file.
@@ -96,6 +160,9 @@ impl Default for NodeConfig {
             touch_coalesce_ms: 60_000,
             purge_interval_ms: 60_000,
             shard_inflight_max: 4_096,
+            revocation_bound_ms: 500,
+            stale_reads: StaleReads::Forward,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -115,6 +182,29 @@ impl NodeConfig {
         anyhow::ensure!(self.user_actors_per_shard_max > 0, "user_actors_per_shard_max must be at least 1");
         anyhow::ensure!(self.shard_inflight_max > 0, "shard_inflight_max must be at least 1");
         anyhow::ensure!(self.purge_interval_ms > 0, "purge_interval_ms must be at least 1");
+        anyhow::ensure!(
+            (50..=60_000).contains(&self.revocation_bound_ms),
+            "revocation_bound_ms must be between 50 and 60000, got {}",
+            self.revocation_bound_ms
+        );
+        anyhow::ensure!(
+            (1..=7).contains(&self.cluster.replicas),
+            "cluster.replicas must be between 1 and 7, got {}",
+            self.cluster.replicas
+        );
+        let mut ids = std::collections::BTreeSet::new();
+        for n in &self.cluster.nodes {
+            anyhow::ensure!(n.id != 0, "cluster.nodes: node id must not be 0");
+            anyhow::ensure!(ids.insert(n.id), "cluster.nodes: node id {} is listed twice", n.id);
+        }
+        if !self.cluster.nodes.is_empty() && !self.cluster.join {
+            let me = self.cluster.nodes.iter().find(|n| n.id == self.node_id);
+            anyhow::ensure!(
+                me.is_some(),
+                "cluster.nodes does not list this node ({}); list it, or set cluster.join to add it to a running cluster",
+                self.node_id
+            );
+        }
         self.limits.to_limits()?;
         Ok(())
     }

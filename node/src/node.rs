@@ -11,13 +11,11 @@ use cascade_protocol::pb::cascade_server::CascadeServer;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransportServer;
 use cascade_raft::host::{HostConfig, RaftHost};
 use cascade_raft::network::{TransportServer, RAFT_MESSAGE_BYTES_MAX};
+use cascade_raft::typ::CascadeNode;
 use ractor::Actor;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-/// How long start-up waits for every shard to have a leader before serving anyway.
-const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Largest public API request (batches of checks are far below it).
 const API_MESSAGE_BYTES_MAX: usize = 4 << 20;
 
@@ -34,21 +32,21 @@ pub async fn run(
     let observer = Arc::new(DirectoryObserver(directory.clone()));
     let host_config = HostConfig {
         node_id: config.node_id,
-        advertise_addr: config.advertise_addr(),
+        node: CascadeNode { addr: config.advertise_addr(), region: config.region.clone() },
+        initial_nodes: config
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, CascadeNode { addr: n.addr.clone(), region: n.region.clone() }))
+            .collect(),
+        join: config.cluster.join,
+        replicas: config.cluster.replicas,
+        revocation_bound_ms: config.revocation_bound_ms,
         n_shards: config.shards,
         limits,
         snapshot_every_n_logs: config.snapshot_every_n_logs,
     };
-    let host = Arc::new(RaftHost::open(host_config, seams.storage, Some(observer)).await?);
-
-    for shard in 0..config.shards {
-        if let Some(raft) = host.raft(shard) {
-            let waited = raft.wait(Some(LEADER_WAIT)).metrics(|m| m.current_leader.is_some(), "leader").await;
-            if waited.is_err() {
-                tracing::warn!(shard, "no leader after {LEADER_WAIT:?}; serving anyway");
-            }
-        }
-    }
+    let host = Arc::new(RaftHost::open(host_config, seams.storage, seams.peers, Some(observer)).await?);
 
     let node_prefix = format!("n{}", config.node_id);
     let shards = (0..config.shards)
@@ -73,15 +71,7 @@ pub async fn run(
     .await
     .context("start actors")?;
 
-    let ctx = Arc::new(NodeCtx::new(
-        config.node_id,
-        config.region.clone(),
-        directory,
-        host.clone(),
-        seams.clock.clone(),
-        config.shard_inflight_max,
-        config.touch_coalesce_ms,
-    ));
+    let ctx = Arc::new(NodeCtx::new(&config, directory, host.clone(), seams.clock.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -91,9 +81,12 @@ pub async fn run(
     let api = CascadeServer::new(CascadeService { ctx })
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
-    let transport = RaftTransportServer::new(TransportServer { shards: host.shards.clone() })
-        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let transport = RaftTransportServer::new(TransportServer {
+        shards: host.shards.clone(),
+        freshness: host.freshness.clone(),
+    })
+    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let local = seams.listener.local_addr().ok();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
     let served = tonic::transport::Server::builder()

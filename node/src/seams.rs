@@ -2,6 +2,7 @@
 //! simulator run the very same node code on a different listener, storage and clock.
 
 use cascade_raft::host::Storage;
+use cascade_raft::network::Peers;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,11 +29,18 @@ pub struct Seams {
     pub listener: tokio::net::TcpListener,
     pub storage: Storage,
     pub clock: Arc<dyn Clock>,
+    /// The connector to other nodes (one channel per peer); tests cut links through it.
+    pub peers: Peers,
 }
 
 impl Seams {
     /// Real sockets, real disk under `data_dir`, the system clock.
     pub fn production(listener: tokio::net::TcpListener, data_dir: &Path) -> Seams {
-        Seams { listener, storage: Storage::Dir(data_dir.to_owned()), clock: Arc::new(SystemClock) }
+        Seams {
+            listener,
+            storage: Storage::Dir(data_dir.to_owned()),
+            clock: Arc::new(SystemClock),
+            peers: Peers::default(),
+        }
     }
 }

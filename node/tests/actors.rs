@@ -8,7 +8,12 @@ use std::time::Duration;
 use support::*;
 
 fn check(id: &str) -> pb::CheckSessionRequest {
-    pb::CheckSessionRequest { session_id: id.to_owned(), jkt: String::new(), required_aal: 0 }
+    pb::CheckSessionRequest {
+        session_id: id.to_owned(),
+        jkt: String::new(),
+        required_aal: 0,
+        linearizable: false,
+    }
 }
 
 async fn live_actors(client: &mut Client) -> u64 {

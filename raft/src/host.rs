@@ -2,18 +2,27 @@
 //! tree per shard, and an openraft group per shard, all sharing one channel per peer.
 
 use crate::disk::{Disk, FileDisk, MemDisk};
+use crate::freshness::{self, Freshness};
 use crate::kv::{KvTree, MemTree, SledTree};
 use crate::network::{NetworkFactory, Peers, ShardTable};
+use crate::placement::{self, Nodes, ShardPlacement};
 use crate::sm::{ApplyObserver, ShardReader, ShardStateMachine};
-use crate::typ::{NodeId, Raft, TypeConfig};
+use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
 use crate::wal::{Wal, WalConfig};
 use anyhow::Context;
 use cascade_core::limits::Limits;
 use cascade_protocol::ids::ShardId;
-use openraft::{BasicNode, SnapshotPolicy};
+use openraft::error::{InitializeError, RaftError};
+use openraft::SnapshotPolicy;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a replica that is not a shard's preferred leader waits, on a fresh cluster, before
+/// initializing the shard itself (with the same membership, which openraft allows) in case the
+/// preferred leader never came up.
+pub const BOOTSTRAP_GRACE: Duration = Duration::from_secs(3);
 
 /// Opens the state-machine tree of a shard.
 type TreeOpener = Box<dyn FnMut(ShardId) -> anyhow::Result<Arc<dyn KvTree>> + Send>;
@@ -53,8 +62,17 @@ impl MemStorage {
 #[derive(Clone)]
 pub struct HostConfig {
     pub node_id: NodeId,
-    /// Address peers reach this node's Raft transport at (`host:port`).
-    pub advertise_addr: String,
+    /// How peers reach this node (`host:port` of its gRPC listener) and its region.
+    pub node: CascadeNode,
+    /// The nodes of a new cluster (this one included). Empty: a cluster of this node alone.
+    /// Only read when the storage is fresh.
+    pub initial_nodes: Nodes,
+    /// Start without initializing any shard: the node waits to be added by a running cluster.
+    pub join: bool,
+    /// Replicas per shard (3 or 5), capped by the number of nodes.
+    pub replicas: usize,
+    /// P2: a replica answers checks only while it can prove freshness within this bound.
+    pub revocation_bound_ms: u64,
     pub n_shards: u16,
     pub limits: Limits,
     /// Log entries after which a shard takes a snapshot and purges its log.
@@ -62,6 +80,27 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
+    /// A node that is a cluster of its own (every shard has one replica, on it).
+    pub fn single(
+        node_id: NodeId,
+        addr: &str,
+        n_shards: u16,
+        limits: Limits,
+        snapshot_every_n_logs: u64,
+    ) -> Self {
+        HostConfig {
+            node_id,
+            node: CascadeNode { addr: addr.to_owned(), region: "local".to_owned() },
+            initial_nodes: Nodes::new(),
+            join: false,
+            replicas: placement::REPLICAS_DEFAULT,
+            revocation_bound_ms: 500,
+            n_shards,
+            limits,
+            snapshot_every_n_logs,
+        }
+    }
+
     fn raft_config(&self) -> anyhow::Result<Arc<openraft::Config>> {
         let config = openraft::Config {
             cluster_name: "cascade".to_owned(),
@@ -83,21 +122,31 @@ impl HostConfig {
 /// Everything Raft on one node.
 pub struct RaftHost {
     pub node_id: NodeId,
+    pub node: CascadeNode,
     pub shards: ShardTable,
+    /// Channels to peers, shared by Raft traffic, freshness requests and write forwarding.
+    pub peers: Peers,
+    pub freshness: Arc<Freshness>,
     readers: Vec<ShardReader>,
     wal: Wal<TypeConfig>,
     n_shards: u16,
+    /// Background tasks (freshness driver, delayed bootstrap), stopped on shutdown.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl RaftHost {
-    /// Open (or create) the node's storage, start every shard and, on first start, make this node
-    /// the single member of every shard.
+    /// Open (or create) the node's storage and start a Raft group for every shard. On a fresh
+    /// cluster, each shard's preferred leader initializes it with the replicas placement chose
+    /// (see [`placement::initial`]); a node given no cluster becomes the single member of every
+    /// shard; a joining node initializes nothing.
     pub async fn open(
         config: HostConfig,
         storage: Storage,
+        peers: Peers,
         observer: Option<Arc<dyn ApplyObserver>>,
     ) -> anyhow::Result<RaftHost> {
         anyhow::ensure!(config.n_shards > 0, "a node needs at least one shard");
+        let bootstrap = bootstrap_plan(&config)?;
         let raft_config = config.raft_config()?;
         let (wal, mut tree_of): (Wal<TypeConfig>, TreeOpener) = match &storage {
             Storage::Dir(dir) => {
@@ -126,7 +175,6 @@ impl RaftHost {
                 (wal, Box::new(move |shard| Ok(Arc::new(mem.tree(shard)) as Arc<dyn KvTree>)))
             }
         };
-        let peers = Peers::default();
         let shards = ShardTable::default();
         let mut readers = Vec::with_capacity(usize::from(config.n_shards));
         for shard in 0..config.n_shards {
@@ -139,14 +187,45 @@ impl RaftHost {
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, sm)
                 .await
                 .with_context(|| format!("start raft for shard {shard}"))?;
-            if !raft.is_initialized().await? {
-                let members =
-                    BTreeMap::from([(config.node_id, BasicNode { addr: config.advertise_addr.clone() })]);
-                raft.initialize(members).await.with_context(|| format!("initialize shard {shard}"))?;
-            }
             shards.insert(shard, raft);
         }
-        Ok(RaftHost { node_id: config.node_id, shards, readers, wal, n_shards: config.n_shards })
+        let freshness = Arc::new(Freshness::new(readers.clone(), config.revocation_bound_ms));
+        let mut tasks = Vec::new();
+        if let Some((nodes, plan)) = bootstrap {
+            for p in plan {
+                let Some(raft) = shards.get(p.shard) else { continue };
+                if raft.is_initialized().await? || !p.replicas.contains(&config.node_id) {
+                    continue;
+                }
+                let members = p.members(&nodes);
+                if p.preferred_leader() == Some(config.node_id) {
+                    initialize(&raft, p.shard, members).await?;
+                } else {
+                    tasks.push(tokio::spawn(async move {
+                        tokio::time::sleep(BOOTSTRAP_GRACE).await;
+                        if matches!(raft.is_initialized().await, Ok(false)) {
+                            if let Err(e) = initialize(&raft, p.shard, members).await {
+                                tracing::warn!(shard = p.shard, error = %e, "late bootstrap failed");
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+        // A tick of a fifth of the bound keeps answers well inside it (see freshness.rs).
+        let tick = Duration::from_millis((config.revocation_bound_ms / 5).max(10));
+        tasks.push(tokio::spawn(freshness::drive(shards.clone(), peers.clone(), freshness.clone(), tick)));
+        Ok(RaftHost {
+            node_id: config.node_id,
+            node: config.node,
+            shards,
+            peers,
+            freshness,
+            readers,
+            wal,
+            n_shards: config.n_shards,
+            tasks: std::sync::Mutex::new(tasks),
+        })
     }
 
     pub fn n_shards(&self) -> u16 {
@@ -169,11 +248,53 @@ impl RaftHost {
 
     /// Stop every shard, then the WAL writer.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            task.abort();
+        }
         for (shard, raft) in self.shards.all() {
             raft.shutdown().await.map_err(|e| anyhow::anyhow!("shutdown shard {shard}: {e}"))?;
         }
         self.wal.shutdown().await.context("shutdown wal")?;
         Ok(())
+    }
+}
+
+/// The nodes and per-shard placement to initialize a fresh cluster with, or `None` to join.
+fn bootstrap_plan(config: &HostConfig) -> anyhow::Result<Option<(Nodes, Vec<ShardPlacement>)>> {
+    if config.join {
+        return Ok(None);
+    }
+    let nodes = if config.initial_nodes.is_empty() {
+        BTreeMap::from([(config.node_id, config.node.clone())])
+    } else {
+        config.initial_nodes.clone()
+    };
+    match nodes.get(&config.node_id) {
+        Some(me) if me.addr == config.node.addr => {}
+        Some(me) => anyhow::bail!(
+            "node {} is listed at {} in the cluster's initial nodes but advertises {}",
+            config.node_id,
+            me.addr,
+            config.node.addr
+        ),
+        None => anyhow::bail!(
+            "node {} is not among the cluster's initial nodes; start it with join to add it to a running cluster",
+            config.node_id
+        ),
+    }
+    anyhow::ensure!(config.replicas >= 1, "replicas must be at least 1");
+    let plan = placement::initial(config.n_shards, &nodes, config.replicas);
+    Ok(Some((nodes, plan)))
+}
+
+async fn initialize(
+    raft: &Raft,
+    shard: ShardId,
+    members: BTreeMap<NodeId, CascadeNode>,
+) -> anyhow::Result<()> {
+    match raft.initialize(members).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("initialize shard {shard}: {e}")),
     }
 }
 

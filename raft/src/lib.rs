@@ -2,10 +2,13 @@
 //! machine, the multi-raft host and the tonic transport. Knows nothing of HTTP, CLI or actors.
 
 pub mod disk;
+pub mod freshness;
 pub mod host;
 pub mod kv;
 pub mod log_store;
 pub mod network;
+pub mod placement;
+pub mod routing;
 pub mod sm;
 pub mod typ;
 pub mod wal;

@@ -3,21 +3,26 @@
 //! partition drops traffic silently. Snapshots travel as openraft's chunked install-snapshot
 //! messages, each chunk bounded by `snapshot_max_chunk_size`.
 
-use crate::typ::{NodeId, Raft, TypeConfig};
+use crate::freshness::Freshness;
+use crate::routing::{propose_local, ProposeError};
+use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
 use cascade_protocol::codec;
+use cascade_protocol::command::Envelope;
 use cascade_protocol::ids::ShardId;
+use cascade_protocol::outcome::Applied;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
-use cascade_protocol::raft_pb::RaftMessage;
+use cascade_protocol::raft_pb::{
+    ElectRequest, ElectResponse, RaftMessage, ReadIndexProof, ReadIndexRequest, ReadIndexResponse,
+};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -28,20 +33,46 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest message a peer may send us (snapshot chunks are far below this).
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
-/// The channels to every peer, shared by all shards of a node.
+/// Why a peer cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("link to {addr} is cut (fault injection)")]
+    Cut { addr: String },
+    #[error("bad peer address {addr}: {source}")]
+    Address { addr: String, source: tonic::transport::Error },
+}
+
+/// The channels to every peer, shared by all shards of a node (and by request forwarding).
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// Addresses this node must not talk to: a test or drill hook that cuts links. Empty in
+    /// normal operation.
+    cut: Arc<RwLock<BTreeSet<String>>>,
 }
 
 impl Peers {
+    /// Stop all traffic from this node to `addr` until [`Peers::heal`].
+    pub fn cut(&self, addr: &str) {
+        self.cut.write().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned());
+    }
+
+    /// Restore every cut link.
+    pub fn heal(&self) {
+        self.cut.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// The channel to `addr` (`host:port`), created lazily; tonic reconnects with backoff.
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+        if self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(addr) {
+            return Err(PeerError::Cut { addr: addr.to_owned() });
+        }
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|source| PeerError::Address { addr: addr.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .connect_lazy();
@@ -59,7 +90,7 @@ pub struct NetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &CascadeNode) -> PeerConnection {
         PeerConnection { shard: self.shard, target, addr: node.addr.clone(), peers: self.peers.clone() }
     }
 }
@@ -72,7 +103,7 @@ pub struct PeerConnection {
     peers: Peers,
 }
 
-type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+type RpcResult<T, E> = Result<T, RPCError<NodeId, CascadeNode, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
     async fn call<Req, Resp, E>(&self, kind: RpcKind, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
@@ -163,6 +194,7 @@ impl ShardTable {
 /// The tonic service peers call.
 pub struct TransportServer {
     pub shards: ShardTable,
+    pub freshness: Arc<Freshness>,
 }
 
 impl TransportServer {
@@ -204,4 +236,52 @@ impl RaftTransport for TransportServer {
         let req: InstallSnapshotRequest<TypeConfig> = decode_request(&msg)?;
         reply(msg.shard, &raft.install_snapshot(req).await)
     }
+
+    async fn propose(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg = request.into_inner();
+        let raft = self.shard(&msg)?;
+        let envelope: Envelope = decode_request(&msg)?;
+        let shard = ShardId::try_from(msg.shard).unwrap_or(ShardId::MAX);
+        // Never forwarded again from here: a node that is not the leader says so and the
+        // proposing node retries with what it learns.
+        let result: Result<Applied, ProposeError> = propose_local(&raft, shard, envelope).await;
+        reply(msg.shard, &result)
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let req = request.into_inner();
+        if req.shards.len() > usize::from(u16::MAX) {
+            return Err(Status::invalid_argument("too many shards in one read-index request"));
+        }
+        let proofs = req
+            .shards
+            .iter()
+            .map(|&s| {
+                let proof = ShardId::try_from(s).ok().and_then(|shard| {
+                    let raft = self.shards.get(shard)?;
+                    let leading = raft.metrics().borrow().current_leader == Some(raft_id(&raft));
+                    leading.then(|| self.freshness.leader_proof(shard)).flatten()
+                });
+                match proof {
+                    Some((read_index, age_ms)) => ReadIndexProof { shard: s, ok: true, read_index, age_ms },
+                    None => ReadIndexProof { shard: s, ok: false, read_index: 0, age_ms: 0 },
+                }
+            })
+            .collect();
+        Ok(Response::new(ReadIndexResponse { proofs }))
+    }
+
+    async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectResponse>, Status> {
+        let shard = request.into_inner().shard;
+        let raft = self.shard(&RaftMessage { shard, payload: Vec::new() })?;
+        raft.trigger().elect().await.map_err(|e| Status::unavailable(format!("shard {shard}: {e}")))?;
+        Ok(Response::new(ElectResponse {}))
+    }
+}
+
+fn raft_id(raft: &Raft) -> NodeId {
+    raft.metrics().borrow().id
 }

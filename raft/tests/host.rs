@@ -6,18 +6,13 @@ use cascade_protocol::command::{Command, CreateSession, Envelope, SessionMetadat
 use cascade_protocol::ids::{SessionId, UserKey};
 use cascade_protocol::outcome::Outcome;
 use cascade_raft::host::{HostConfig, MemStorage, RaftHost, Storage};
+use cascade_raft::network::Peers;
 use std::time::Duration;
 
 const SHARDS: u16 = 4;
 
 fn config(snapshot_every_n_logs: u64) -> HostConfig {
-    HostConfig {
-        node_id: 1,
-        advertise_addr: "127.0.0.1:1".to_owned(),
-        n_shards: SHARDS,
-        limits: Limits::default(),
-        snapshot_every_n_logs,
-    }
+    HostConfig::single(1, "127.0.0.1:1", SHARDS, Limits::default(), snapshot_every_n_logs)
 }
 
 async fn leaders(host: &RaftHost) {
@@ -76,7 +71,9 @@ fn assert_all_present(host: &RaftHost, acked: &[(UserKey, SessionId)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_restart_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let host = RaftHost::open(config(20), Storage::Dir(dir.path().to_owned()), None).await.expect("open");
+    let host = RaftHost::open(config(20), Storage::Dir(dir.path().to_owned()), Peers::default(), None)
+        .await
+        .expect("open");
     leaders(&host).await;
     let acked = create_sessions(&host, 0..200, 1_700_000_000_000).await;
     let mut snapshotted = 0;
@@ -95,7 +92,9 @@ async fn snapshots_and_restart_on_disk() {
     host.shutdown().await.expect("shutdown");
     drop(host);
 
-    let host = RaftHost::open(config(20), Storage::Dir(dir.path().to_owned()), None).await.expect("reopen");
+    let host = RaftHost::open(config(20), Storage::Dir(dir.path().to_owned()), Peers::default(), None)
+        .await
+        .expect("reopen");
     leaders(&host).await;
     assert_all_present(&host, &acked);
     // And it keeps taking writes after the restart.
@@ -109,7 +108,9 @@ async fn snapshots_and_restart_on_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_keeps_acknowledged_writes() {
     let storage = MemStorage::default();
-    let host = RaftHost::open(config(1_000), Storage::Memory(storage.clone()), None).await.expect("open");
+    let host = RaftHost::open(config(1_000), Storage::Memory(storage.clone()), Peers::default(), None)
+        .await
+        .expect("open");
     leaders(&host).await;
     let acked = create_sessions(&host, 0..60, 1_700_000_000_000).await;
     let syncs = host.wal_syncs();
@@ -118,7 +119,9 @@ async fn power_loss_keeps_acknowledged_writes() {
     // can bring the writes back.
     storage.crash();
     drop(host);
-    let host = RaftHost::open(config(1_000), Storage::Memory(storage.clone()), None).await.expect("reopen");
+    let host = RaftHost::open(config(1_000), Storage::Memory(storage.clone()), Peers::default(), None)
+        .await
+        .expect("reopen");
     leaders(&host).await;
     for shard in 0..SHARDS {
         let raft = host.raft(shard).expect("shard");

@@ -5,10 +5,10 @@ use cascade_core::limits::Limits;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransportServer;
 use cascade_raft::host::{HostConfig, RaftHost, Storage};
 use cascade_raft::network::{NetworkFactory, Peers, TransportServer};
+use cascade_raft::typ::CascadeNode;
 use cascade_raft::typ::Vote;
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::VoteRequest;
-use openraft::BasicNode;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,26 +16,25 @@ async fn vote_round_trips_and_unknown_shard_fails() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = HostConfig {
-        node_id: 1,
-        advertise_addr: addr.clone(),
-        n_shards: 2,
-        limits: Limits::default(),
-        snapshot_every_n_logs: 1_000,
-    };
-    let host = RaftHost::open(config, Storage::Dir(dir.path().to_owned()), None).await.expect("open");
+    let config = HostConfig::single(1, &addr, 2, Limits::default(), 1_000);
+    let host = RaftHost::open(config, Storage::Dir(dir.path().to_owned()), Peers::default(), None)
+        .await
+        .expect("open");
     let raft = host.raft(0).expect("shard 0");
     raft.wait(Some(Duration::from_secs(10)))
         .metrics(|m| m.current_term >= 1, "elected")
         .await
         .expect("elected");
     let server = tonic::transport::Server::builder()
-        .add_service(RaftTransportServer::new(TransportServer { shards: host.shards.clone() }))
+        .add_service(RaftTransportServer::new(TransportServer {
+            shards: host.shards.clone(),
+            freshness: host.freshness.clone(),
+        }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     let served = tokio::spawn(server);
 
     let peers = Peers::default();
-    let node = BasicNode { addr: addr.clone() };
+    let node = CascadeNode { addr: addr.clone(), region: "local".to_owned() };
     let option = RPCOption::new(Duration::from_secs(2));
     // A stale candidate (term 0) is refused, and the answer carries the shard's current vote.
     let mut shard0 = NetworkFactory { shard: 0, peers: peers.clone() }.new_client(1, &node).await;

@@ -10,9 +10,9 @@ use cascade_core::model::UserState;
 use cascade_protocol::command::{Command, Envelope};
 use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::outcome::{Applied, Outcome, Verdict};
+use cascade_raft::routing::propose_local;
 use cascade_raft::sm::ShardReader;
 use cascade_raft::typ::{NodeId, Raft};
-use openraft::error::{ClientWriteError, RaftError};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -25,20 +25,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct ShardActor;
 
-/// Why a write did not produce an outcome.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    #[error("shard {shard} has no leader on this node (leader: {leader:?})")]
-    NotLeader { shard: ShardId, leader: Option<NodeId> },
-    #[error("shard {shard} cannot take writes: {reason}")]
-    Unavailable { shard: ShardId, reason: String },
-}
-
 /// Messages to a shard actor.
 pub enum ShardMsg {
     Check(CheckQuery, RpcReplyPort<CheckAnswer>),
     GetUser(UserKey, RpcReplyPort<Option<Arc<UserState>>>),
-    Write(Envelope, RpcReplyPort<Result<Applied, WriteError>>),
     /// Published by the state machine after each applied batch, in apply order.
     Applied(Vec<(UserKey, Option<Arc<UserState>>)>),
     Status(RpcReplyPort<ShardStatusInfo>),
@@ -202,14 +192,6 @@ impl Actor for ShardActor {
                 let actor = state.user_actor(&myself, &key).await?;
                 actor.send_message(UserMsg::Get(reply))?;
             }
-            ShardMsg::Write(envelope, reply) => {
-                let raft = state.args.raft.clone();
-                let shard = state.args.shard;
-                // Waiting for commit happens off the actor, so checks keep flowing meanwhile.
-                tokio::spawn(async move {
-                    let _ = reply.send(propose(&raft, shard, envelope).await);
-                });
-            }
             ShardMsg::Applied(users) => {
                 for (key, user) in users {
                     if let Some(live) = state.users.get(&key) {
@@ -267,17 +249,6 @@ impl Actor for ShardActor {
     }
 }
 
-/// Propose a command and wait until it is committed and applied.
-pub async fn propose(raft: &Raft, shard: ShardId, envelope: Envelope) -> Result<Applied, WriteError> {
-    match raft.client_write(envelope).await {
-        Ok(resp) => Ok(resp.data),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Err(WriteError::NotLeader { shard, leader: f.leader_id })
-        }
-        Err(e) => Err(WriteError::Unavailable { shard, reason: e.to_string() }),
-    }
-}
-
 fn sweep(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
     let now_ms = state.args.clock.now_ms();
     let idle: Vec<UserKey> = state
@@ -299,7 +270,7 @@ fn sweep(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
         let envelope = Envelope::new(now_ms, Command::Purge { after, max_users: PURGE_USERS_PER_COMMAND });
         let me = myself.clone();
         tokio::spawn(async move {
-            let next = match propose(&raft, shard, envelope).await {
+            let next = match propose_local(&raft, shard, envelope).await {
                 Ok(Applied { outcome: Outcome::Purged { next, n_sessions, n_users }, .. }) => {
                     if n_sessions > 0 || n_users > 0 {
                         tracing::info!(shard, n_sessions, n_users, "purged sessions past retention");

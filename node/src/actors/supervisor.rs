@@ -138,23 +138,19 @@ mod tests {
     use crate::actors::shard_actor::{ShardArgs, ShardMsg};
     use crate::seams::SystemClock;
     use cascade_raft::host::{HostConfig, MemStorage, RaftHost, Storage};
+    use cascade_raft::network::Peers;
     use std::time::{Duration, Instant};
 
     /// A failed shard actor is replaced by the supervisor, and the replacement serves the shard.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_shard_actor_is_restarted() {
         let directory = ShardDirectory::default();
-        let config = HostConfig {
-            node_id: 77,
-            advertise_addr: "127.0.0.1:1".into(),
-            n_shards: 1,
-            limits: Default::default(),
-            snapshot_every_n_logs: 1_000,
-        };
+        let config = HostConfig::single(77, "127.0.0.1:1", 1, Default::default(), 1_000);
         let observer = Arc::new(DirectoryObserver(directory.clone()));
-        let host = RaftHost::open(config, Storage::Memory(MemStorage::default()), Some(observer))
-            .await
-            .expect("open");
+        let host =
+            RaftHost::open(config, Storage::Memory(MemStorage::default()), Peers::default(), Some(observer))
+                .await
+                .expect("open");
         let shard = ShardArgs {
             shard: 0,
             node_prefix: "n77".into(),

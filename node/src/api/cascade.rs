@@ -1,9 +1,10 @@
 //! The public `cascade.v1.Cascade` gRPC service: input validation, command construction and the
 //! mapping of outcomes to responses. No business rule is decided here: `cascade_core` decides.
 
-use super::ctx::NodeCtx;
+use super::ctx::{NodeCtx, FORWARDED_HEADER};
 use super::status::ApiError;
 use crate::actors::{CheckAnswer, CheckQuery};
+use crate::config::StaleReads;
 use cascade_core::validity::verdict;
 use cascade_protocol::command::{
     Command, CreateSession, DeviceBinding, Reason, Revocation, SessionMetadata, WatermarkScope,
@@ -117,6 +118,11 @@ fn sha256(secret: u128) -> [u8; 32] {
     Sha256::digest(secret.to_be_bytes()).into()
 }
 
+/// Whether another node forwarded this request (it must then be answered here or refused).
+fn forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().get(FORWARDED_HEADER).is_some()
+}
+
 fn ids(v: &[SessionId]) -> Vec<String> {
     v.iter().map(ToString::to_string).collect()
 }
@@ -130,15 +136,14 @@ fn unexpected(outcome: Outcome) -> ApiError {
 }
 
 impl CascadeService {
-    fn check_response(&self, q: &CheckQuery, a: CheckAnswer) -> pb::CheckSessionResponse {
+    fn check_response(&self, q: &CheckQuery, a: CheckAnswer, staleness_ms: u64) -> pb::CheckSessionResponse {
         let (status, reason) = verdict_to_pb(a.verdict);
         let mut resp = pb::CheckSessionResponse {
             status: status as i32,
             reason: reason as i32,
             freshness: Some(pb::Freshness {
                 applied_index: a.applied_index,
-                // A single-member group's leader is the quorum: its applied state is current.
-                staleness_bound_ms: 0,
+                staleness_bound_ms: staleness_ms,
                 node_id: self.ctx.node_id,
             }),
             ..Default::default()
@@ -163,15 +168,53 @@ impl CascadeService {
         Ok(CheckQuery { session_id, jkt, required_aal })
     }
 
-    async fn check_one(&self, r: &pb::CheckSessionRequest) -> Result<pb::CheckSessionResponse, ApiError> {
+    /// How a read of `shard` may be served: `Some(staleness)` here, `None` at the leader.
+    /// Fails when neither is allowed (P2: never a stale answer).
+    async fn read_here(
+        &self,
+        shard: u16,
+        linearizable: bool,
+        forwarded: bool,
+    ) -> Result<Option<u64>, ApiError> {
+        if linearizable && self.ctx.leads(shard) {
+            self.ctx.linearize(shard).await?;
+            return Ok(Some(0));
+        }
+        let here = if linearizable { None } else { self.ctx.staleness_ms(shard) };
+        match here {
+            Some(staleness) => Ok(Some(staleness)),
+            None if forwarded || self.ctx.stale_reads == StaleReads::Unavailable => Err(self
+                .ctx
+                .fresh_or_stale(shard)
+                .err()
+                .unwrap_or(ApiError::Stale { shard, bound_ms: self.ctx.host.freshness.bound_ms })),
+            None => Ok(None),
+        }
+    }
+
+    async fn check_one(
+        &self,
+        r: &pb::CheckSessionRequest,
+        forwarded: bool,
+    ) -> Result<pb::CheckSessionResponse, ApiError> {
         let q = self.query(r)?;
-        if q.session_id.shard >= self.ctx.n_shards {
+        let shard = q.session_id.shard;
+        if shard >= self.ctx.n_shards {
             // Well-formed but from no shard of this cluster: it cannot exist here.
             let a = CheckAnswer { verdict: Verdict::Unknown, user: None, applied_index: 0 };
-            return Ok(self.check_response(&q, a));
+            return Ok(self.check_response(&q, a, 0));
         }
-        let a = self.ctx.check(q.clone()).await?;
-        Ok(self.check_response(&q, a))
+        match self.read_here(shard, r.linearizable, forwarded).await? {
+            Some(staleness) => {
+                let a = self.ctx.check(q.clone()).await?;
+                Ok(self.check_response(&q, a, staleness))
+            }
+            None => {
+                self.ctx
+                    .forward(shard, r.clone(), |mut c, req| async move { c.check_session(req).await })
+                    .await
+            }
+        }
     }
 
     /// Propose a revocation to `shard` and report what it revoked.
@@ -198,13 +241,15 @@ impl Cascade for CascadeService {
         &self,
         request: Request<pb::CheckSessionRequest>,
     ) -> Reply<pb::CheckSessionResponse> {
-        Ok(Response::new(self.check_one(request.get_ref()).await?))
+        let forwarded = forwarded(&request);
+        Ok(Response::new(self.check_one(request.get_ref(), forwarded).await?))
     }
 
     async fn check_session_batch(
         &self,
         request: Request<pb::CheckSessionBatchRequest>,
     ) -> Reply<pb::CheckSessionBatchResponse> {
+        let forwarded = forwarded(&request);
         let checks = &request.get_ref().checks;
         if checks.len() > lim::CHECK_BATCH_LEN_MAX {
             let e = FieldError::new(
@@ -220,7 +265,7 @@ impl Cascade for CascadeService {
                 other => other.into(),
             })?;
         }
-        let results = futures::future::join_all(checks.iter().map(|c| self.check_one(c))).await;
+        let results = futures::future::join_all(checks.iter().map(|c| self.check_one(c, forwarded))).await;
         let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(pb::CheckSessionBatchResponse { results }))
     }
@@ -317,6 +362,12 @@ impl Cascade for CascadeService {
         request: Request<pb::TouchSessionRequest>,
     ) -> Reply<pb::TouchSessionResponse> {
         let id = self.owned_shard(session_id("session_id", &request.get_ref().session_id)?)?;
+        if self.read_here(id.shard, false, forwarded(&request)).await?.is_none() {
+            let r = request.into_inner();
+            return Ok(Response::new(
+                self.ctx.forward(id.shard, r, |mut c, req| async move { c.touch_session(req).await }).await?,
+            ));
+        }
         let q = CheckQuery { session_id: id, jkt: None, required_aal: 0 };
         let answer = self.ctx.check(q).await?;
         let session = answer.user.as_ref().and_then(|u| u.sessions.get(&id));
@@ -404,12 +455,19 @@ impl Cascade for CascadeService {
         &self,
         request: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        let r = request.get_ref();
-        let key = user_key(&r.tenant, &r.user_id)?;
+        let key = user_key(&request.get_ref().tenant, &request.get_ref().user_id)?;
+        let shard = key.shard(self.ctx.n_shards);
+        if self.read_here(shard, false, forwarded(&request)).await?.is_none() {
+            let r = request.into_inner();
+            return Ok(Response::new(
+                self.ctx
+                    .forward(shard, r, |mut c, req| async move { c.list_user_sessions(req).await })
+                    .await?,
+            ));
+        }
         let Some(user) = self.ctx.user(&key).await? else {
             return Err(ApiError::from(Refusal::UserNotFound).into());
         };
-        let shard = key.shard(self.ctx.n_shards);
         let meta = self.ctx.meta(shard);
         let now = self.ctx.clock.now_ms().max(meta.clock_ms);
         let sessions = user
@@ -545,8 +603,34 @@ impl Cascade for CascadeService {
     async fn node_status(&self, _request: Request<pb::NodeStatusRequest>) -> Reply<pb::NodeStatusResponse> {
         let mut shards = Vec::with_capacity(usize::from(self.ctx.n_shards));
         let mut live = 0u64;
+        let mut nodes = std::collections::BTreeMap::new();
         for shard in 0..self.ctx.n_shards {
             let s = self.ctx.shard_status(shard).await?;
+            let m = self.ctx.raft(shard)?.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            for (id, node) in membership.nodes() {
+                nodes.insert(*id, node.clone());
+            }
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let learners: Vec<u64> = membership.learner_ids().collect();
+            let last = m.last_log_index.unwrap_or(0);
+            let replication = m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, matched)| {
+                            let matched_index = matched.map_or(0, |l| l.index);
+                            pb::ReplicaProgress {
+                                node_id: *id,
+                                matched_index,
+                                lag: last.saturating_sub(matched_index),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let staleness = self.ctx.staleness_ms(shard);
             live += s.live_user_actors as u64;
             shards.push(pb::ShardStatus {
                 shard: u32::from(s.shard),
@@ -557,6 +641,11 @@ impl Cascade for CascadeService {
                 applied_index: s.applied_index,
                 snapshot_index: s.snapshot_index,
                 live_user_actors: s.live_user_actors as u64,
+                voters,
+                fresh: staleness.is_some(),
+                staleness_ms: staleness.unwrap_or(0),
+                replication,
+                learners,
             });
         }
         Ok(Response::new(pb::NodeStatusResponse {
@@ -565,6 +654,26 @@ impl Cascade for CascadeService {
             n_shards: u32::from(self.ctx.n_shards),
             shards,
             live_user_actors: live,
+            nodes: nodes
+                .into_iter()
+                .map(|(node_id, n)| pb::ClusterNode { node_id, addr: n.addr, region: n.region })
+                .collect(),
+            addr: self.ctx.addr.clone(),
+            revocation_bound_ms: self.ctx.host.freshness.bound_ms,
         }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Reply<pb::TransferLeaderResponse> {
+        let r = request.into_inner();
+        let shard = u16::try_from(r.shard)
+            .ok()
+            .filter(|s| *s < self.ctx.n_shards)
+            .ok_or_else(|| FieldError::new("shard", format!("must be below {}", self.ctx.n_shards)))
+            .map_err(ApiError::from)?;
+        let (leader, took_ms) = self.ctx.transfer_leader(shard, r.to_node).await?;
+        Ok(Response::new(pb::TransferLeaderResponse { leader, took_ms }))
     }
 }

@@ -1,31 +1,50 @@
 //! What request handlers share: the route to each shard actor with its in-flight bound, the
-//! clock, and the node's settings.
+//! freshness gate of reads (P2), write routing to the shard's leader, forwarding of reads the
+//! local replica cannot answer, the clock, and the node's settings.
 
 use super::status::ApiError;
 use crate::actors::shard_actor::{ShardMsg, ShardStatusInfo};
 use crate::actors::supervisor::ShardDirectory;
 use crate::actors::{CheckAnswer, CheckQuery};
+use crate::config::{NodeConfig, StaleReads};
 use crate::seams::Clock;
 use cascade_core::model::{ShardMeta, UserState};
 use cascade_protocol::command::{Command, Envelope};
 use cascade_protocol::ids::{ShardId, UserKey};
+use cascade_protocol::limits::FieldError;
 use cascade_protocol::outcome::Applied;
+use cascade_protocol::pb::cascade_client::CascadeClient;
+use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
+use cascade_protocol::raft_pb::ElectRequest;
 use cascade_raft::host::RaftHost;
+use cascade_raft::routing;
+use cascade_raft::typ::Raft;
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Metadata key marking a request forwarded by another node: it is answered here or refused,
+/// never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-cascade-forwarded-by";
 
 /// How long a check may wait for its shard actor.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a write may wait for commit and apply.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a leadership transfer may take, and how long one election attempt is given.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TRANSFER_ATTEMPT: Duration = Duration::from_millis(900);
 
 pub struct NodeCtx {
     pub node_id: u64,
     pub region: String,
+    pub addr: String,
     pub n_shards: u16,
+    pub stale_reads: StaleReads,
     pub directory: ShardDirectory,
     pub host: Arc<RaftHost>,
     pub clock: Arc<dyn Clock>,
@@ -46,26 +65,93 @@ impl Drop for Permit {
 
 impl NodeCtx {
     pub fn new(
-        node_id: u64,
-        region: String,
+        config: &NodeConfig,
         directory: ShardDirectory,
         host: Arc<RaftHost>,
         clock: Arc<dyn Clock>,
-        inflight_max: usize,
-        touch_coalesce_ms: u64,
     ) -> NodeCtx {
         let n_shards = host.n_shards();
         let inflight = (0..n_shards).map(|_| Arc::new(AtomicUsize::new(0))).collect();
         NodeCtx {
-            node_id,
-            region,
+            node_id: config.node_id,
+            region: config.region.clone(),
+            addr: config.advertise_addr(),
             n_shards,
+            stale_reads: config.stale_reads,
             directory,
             host,
             clock,
             inflight,
-            inflight_max,
-            touch_coalesce_ms,
+            inflight_max: config.shard_inflight_max,
+            touch_coalesce_ms: config.touch_coalesce_ms,
+        }
+    }
+
+    pub fn raft(&self, shard: ShardId) -> Result<Raft, ApiError> {
+        self.host.raft(shard).ok_or(ApiError::NoShard { shard })
+    }
+
+    /// How stale the local replica of `shard` may be, if it can prove it is within the bound.
+    pub fn staleness_ms(&self, shard: ShardId) -> Option<u64> {
+        self.host.freshness.staleness_ms(shard)
+    }
+
+    /// Whether a read of `shard` may be answered here; if not, why (for `stale_reads` to decide).
+    pub fn fresh_or_stale(&self, shard: ShardId) -> Result<u64, ApiError> {
+        self.staleness_ms(shard).ok_or(ApiError::Stale { shard, bound_ms: self.host.freshness.bound_ms })
+    }
+
+    /// Whether this node currently leads `shard` (by its own metrics; proves nothing about
+    /// freshness, see freshness.rs).
+    pub fn leads(&self, shard: ShardId) -> bool {
+        self.host.raft(shard).is_some_and(|r| r.metrics().borrow().current_leader == Some(self.node_id))
+    }
+
+    /// Wait until this node, as leader, has confirmed with a quorum that it is current and has
+    /// applied everything committed (a linearizable read point).
+    pub async fn linearize(&self, shard: ShardId) -> Result<(), ApiError> {
+        let raft = self.raft(shard)?;
+        match tokio::time::timeout(CHECK_TIMEOUT, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::Linearize { shard, reason: e.to_string() }),
+            Err(_) => Err(ApiError::Timeout {
+                shard,
+                timeout_ms: u64::try_from(CHECK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// Run `call` against the public API of `shard`'s leader, marked as forwarded, with a
+    /// deadline. Fails if the leader is unknown, is this node, or cannot be reached.
+    pub async fn forward<Req, Resp, F, Fut>(
+        &self,
+        shard: ShardId,
+        req: Req,
+        call: F,
+    ) -> Result<Resp, ApiError>
+    where
+        F: FnOnce(CascadeClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let raft = self.raft(shard)?;
+        let stale = ApiError::Stale { shard, bound_ms: self.host.freshness.bound_ms };
+        let Some((leader, node)) = routing::leader_of(&raft) else { return Err(stale) };
+        if leader == self.node_id {
+            return Err(stale);
+        }
+        let channel = self.host.peers.channel(&node.addr).map_err(|e| ApiError::Forward {
+            shard,
+            leader,
+            reason: e.to_string(),
+        })?;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(CHECK_TIMEOUT);
+        if let Ok(v) = self.node_id.to_string().parse() {
+            request.metadata_mut().insert(FORWARDED_HEADER, v);
+        }
+        match call(CascadeClient::new(channel), request).await {
+            Ok(resp) => Ok(resp.into_inner()),
+            Err(status) => Err(ApiError::Remote(status)),
         }
     }
 
@@ -116,12 +202,68 @@ impl NodeCtx {
         self.write_envelope(shard, envelope).await
     }
 
+    /// Propose on the shard's leader, wherever it is, and wait for the outcome.
     pub async fn write_envelope(&self, shard: ShardId, envelope: Envelope) -> Result<Applied, ApiError> {
-        Ok(self.call(shard, WRITE_TIMEOUT, |r| ShardMsg::Write(envelope, r)).await??)
+        let _permit = self.permit(shard)?;
+        let raft = self.raft(shard)?;
+        Ok(routing::write(&raft, &self.host.peers, shard, envelope, WRITE_TIMEOUT).await?)
     }
 
     pub async fn shard_status(&self, shard: ShardId) -> Result<ShardStatusInfo, ApiError> {
         self.call(shard, CHECK_TIMEOUT, ShardMsg::Status).await
+    }
+
+    /// Make `to` the leader of `shard`: ask it to start an election until it wins or
+    /// `TRANSFER_TIMEOUT` passes. With 3 replicas the old leader's vote suffices (openraft 0.9
+    /// followers refuse votes while they hear from a leader; a leader grants one to a candidate
+    /// whose log is as complete as its own).
+    pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<(u64, u64), ApiError> {
+        let raft = self.raft(shard)?;
+        let fail = |reason: String| ApiError::Transfer { shard, reason };
+        let target = {
+            let m = raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            if !membership.voter_ids().any(|v| v == to) {
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                return Err(FieldError::new(
+                    "to_node",
+                    format!("node {to} is not a voter of shard {shard} (voters: {voters:?})"),
+                )
+                .into());
+            }
+            membership.get_node(&to).cloned().ok_or_else(|| fail(format!("node {to} has no address")))?
+        };
+        let start = tokio::time::Instant::now();
+        let deadline = start + TRANSFER_TIMEOUT;
+        let took =
+            |start: tokio::time::Instant| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut last_error = String::from("no election won yet");
+        while tokio::time::Instant::now() < deadline {
+            if raft.metrics().borrow().current_leader == Some(to) {
+                return Ok((to, took(start)));
+            }
+            let elected = if to == self.node_id {
+                raft.trigger().elect().await.map_err(|e| e.to_string())
+            } else {
+                self.remote_elect(shard, &target.addr).await
+            };
+            if let Err(e) = elected {
+                last_error = e;
+            }
+            let waited =
+                raft.wait(Some(TRANSFER_ATTEMPT)).metrics(|m| m.current_leader == Some(to), "transfer").await;
+            if waited.is_ok() {
+                return Ok((to, took(start)));
+            }
+        }
+        Err(fail(format!("node {to} did not win an election within {TRANSFER_TIMEOUT:?}: {last_error}")))
+    }
+
+    async fn remote_elect(&self, shard: ShardId, addr: &str) -> Result<(), String> {
+        let channel = self.host.peers.channel(addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(ElectRequest { shard: u32::from(shard) });
+        request.set_timeout(CHECK_TIMEOUT);
+        RaftTransportClient::new(channel).elect(request).await.map(|_| ()).map_err(|s| s.message().to_owned())
     }
 
     /// Shard-wide watermarks of a shard as last applied here.

@@ -1,9 +1,9 @@
 //! The one mapping from everything that can go wrong in a request to a gRPC status. Messages say
 //! what was wrong and, where it helps, what to do.
 
-use crate::actors::shard_actor::WriteError;
 use cascade_protocol::limits::FieldError;
 use cascade_protocol::outcome::Refusal;
+use cascade_raft::routing::ProposeError;
 use tonic::Status;
 
 /// Why a request failed.
@@ -16,7 +16,19 @@ pub enum ApiError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
-    Write(#[from] WriteError),
+    Propose(#[from] ProposeError),
+    /// P2: the local replica cannot prove it is fresh and may not forward.
+    #[error("replica of shard {shard} on this node cannot prove its state is within the revocation bound ({bound_ms} ms); retry on another node or later")]
+    Stale { shard: u16, bound_ms: u64 },
+    #[error("shard {shard}: cannot forward to leader {leader}: {reason}")]
+    Forward { shard: u16, leader: u64, reason: String },
+    #[error("shard {shard}: cannot confirm leadership for a linearizable read: {reason}; retry")]
+    Linearize { shard: u16, reason: String },
+    /// The node a request was forwarded to answered with this status; it is passed on as is.
+    #[error("{}", .0.message())]
+    Remote(Status),
+    #[error("transfer of shard {shard}'s leadership failed: {reason}")]
+    Transfer { shard: u16, reason: String },
     /// The shard's request bound is reached.
     #[error("shard {shard} is overloaded ({inflight_max} requests in flight); retry with backoff")]
     Busy { shard: u16, inflight_max: usize },
@@ -50,7 +62,12 @@ pub fn to_status(e: ApiError) -> Status {
             | Refusal::AalNotHigher { .. }
             | Refusal::WatermarkInFuture => Status::failed_precondition(msg),
         },
-        ApiError::Write(_)
+        ApiError::Remote(status) => status,
+        ApiError::Propose(_)
+        | ApiError::Stale { .. }
+        | ApiError::Forward { .. }
+        | ApiError::Linearize { .. }
+        | ApiError::Transfer { .. }
         | ApiError::Timeout { .. }
         | ApiError::NoShard { .. }
         | ApiError::Partial { .. } => Status::unavailable(msg),

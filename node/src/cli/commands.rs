@@ -229,11 +229,13 @@ pub async fn check(
     session_id: String,
     jkt: Option<String>,
     aal: u32,
+    linearizable: bool,
 ) -> anyhow::Result<u8> {
     let request = pb::CheckSessionRequest {
         session_id: session_id.clone(),
         jkt: jkt.unwrap_or_default(),
         required_aal: aal,
+        linearizable,
     };
     let r = api.check_session(request).await?;
     render::emit(out, &check_record(&session_id, &r));
@@ -251,7 +253,12 @@ pub async fn check_batch(
     let jkt = jkt.unwrap_or_default();
     let checks = session_ids
         .iter()
-        .map(|id| pb::CheckSessionRequest { session_id: id.clone(), jkt: jkt.clone(), required_aal: aal })
+        .map(|id| pb::CheckSessionRequest {
+            session_id: id.clone(),
+            jkt: jkt.clone(),
+            required_aal: aal,
+            linearizable: false,
+        })
         .collect();
     let r = api.check_session_batch(pb::CheckSessionBatchRequest { checks }).await?;
     if r.results.len() != session_ids.len() {

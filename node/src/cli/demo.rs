@@ -121,8 +121,12 @@ impl Walk {
     ) -> bool {
         let jkt_text = if jkt.is_empty() { "none".to_owned() } else { short(jkt) };
         self.did(&format!("CheckSession {session_id} jkt={jkt_text} required_aal={required_aal}"));
-        let request =
-            pb::CheckSessionRequest { session_id: session_id.to_owned(), jkt: jkt.to_owned(), required_aal };
+        let request = pb::CheckSessionRequest {
+            session_id: session_id.to_owned(),
+            jkt: jkt.to_owned(),
+            required_aal,
+            linearizable: false,
+        };
         match self.api.check_session(request).await {
             Ok(r) => {
                 let applied = r.freshness.as_ref().map_or(0, |f| f.applied_index);

@@ -257,7 +257,8 @@ async fn check_worker(
     };
     while tokio::time::Instant::now() < deadline {
         let session_id = ids[rng.gen_range(0..ids.len())].clone();
-        let request = pb::CheckSessionRequest { session_id, jkt: String::new(), required_aal: 0 };
+        let request =
+            pb::CheckSessionRequest { session_id, jkt: String::new(), required_aal: 0, linearizable: false };
         let started = Instant::now();
         match api.check_session(request).await {
             Ok(r) => {

@@ -61,6 +61,10 @@ enum Command {
         /// Required assurance level, 1..3 (0 = none).
         #[arg(long, default_value_t = 0)]
         aal: u32,
+        /// Confirm with the shard's quorum that the answer is current (slower), instead of
+        /// accepting any answer within the revocation bound.
+        #[arg(long)]
+        linearizable: bool,
     },
     /// Check up to 256 sessions in one call; one result per session, in order.
     #[command(after_help = exit::HELP)]
@@ -162,7 +166,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let api = Api::connect(&cli.addr, timeout).await?;
     match command {
         Command::Create(args) => commands::create(&api, out, args).await,
-        Command::Check { session_id, jkt, aal } => commands::check(&api, out, session_id, jkt, aal).await,
+        Command::Check { session_id, jkt, aal, linearizable } => {
+            commands::check(&api, out, session_id, jkt, aal, linearizable).await
+        }
         Command::CheckBatch { session_ids, jkt, aal } => {
             commands::check_batch(&api, out, session_ids, jkt, aal).await
         }

@@ -280,13 +280,13 @@ pub async fn connect(addr: SocketAddr) -> Client {
 
 /// Wait until NodeStatus answers with `n_shards` shards, each with a leader.
 pub async fn wait_ready(client: &mut Client, n_shards: u16) -> pb::NodeStatusResponse {
-    poll_until("NodeStatus with a leader on every shard", READY_DEADLINE, || {
+    poll_until("NodeStatus with a leader and a fresh replica on every shard", READY_DEADLINE, || {
         let mut client = client.clone();
         async move {
             let status = client.node_status(pb::NodeStatusRequest {}).await.ok()?.into_inner();
             let all_led = status.n_shards == u32::from(n_shards)
                 && status.shards.len() == usize::from(n_shards)
-                && status.shards.iter().all(|s| s.leader != 0);
+                && status.shards.iter().all(|s| s.leader != 0 && s.fresh);
             all_led.then_some(status)
         }
     })
@@ -472,7 +472,12 @@ pub async fn create(client: &mut Client, req: pb::CreateSessionRequest) -> pb::C
 
 /// A check request.
 pub fn check_req(session_id: &str, jkt: &str, required_aal: u32) -> pb::CheckSessionRequest {
-    pb::CheckSessionRequest { session_id: session_id.to_owned(), jkt: jkt.to_owned(), required_aal }
+    pb::CheckSessionRequest {
+        session_id: session_id.to_owned(),
+        jkt: jkt.to_owned(),
+        required_aal,
+        linearizable: false,
+    }
 }
 
 /// Check without key or assurance requirement, expecting an answer.
