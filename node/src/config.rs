@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub stale_reads: StaleReads,
     /// The cluster this node belongs to.
     pub cluster: ClusterConfig,
+    /// Accept `CutLinks` requests that make this node stop talking to chosen peers (drills and
+    /// tests of partitions). Never enable it in production.
+    pub fault_injection: bool,
 }
 
 /// What to do with a read the local replica cannot prove fresh.
@@ -163,6 +166,7 @@ impl Default for NodeConfig {
             revocation_bound_ms: 500,
             stale_reads: StaleReads::Forward,
             cluster: ClusterConfig::default(),
+            fault_injection: false,
         }
     }
 }

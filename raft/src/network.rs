@@ -57,6 +57,11 @@ impl Peers {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned());
     }
 
+    /// The addresses currently cut.
+    pub fn cut_links(&self) -> Vec<String> {
+        self.cut.read().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
     /// Restore every cut link.
     pub fn heal(&self) {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).clear();

@@ -676,4 +676,26 @@ impl Cascade for CascadeService {
         let (leader, took_ms) = self.ctx.transfer_leader(shard, r.to_node).await?;
         Ok(Response::new(pb::TransferLeaderResponse { leader, took_ms }))
     }
+
+    async fn cut_links(&self, request: Request<pb::CutLinksRequest>) -> Reply<pb::CutLinksResponse> {
+        if !self.ctx.fault_injection {
+            return Err(Status::failed_precondition(
+                "fault injection is disabled on this node; start it with --enable-fault-injection",
+            ));
+        }
+        let r = request.into_inner();
+        if r.addrs.len() > 64 {
+            return Err(ApiError::from(FieldError::new("addrs", "at most 64 addresses")).into());
+        }
+        let peers = &self.ctx.host.peers;
+        if r.heal {
+            peers.heal();
+        }
+        for addr in &r.addrs {
+            lim::check_id("addrs", addr, 256).map_err(ApiError::from)?;
+            peers.cut(addr);
+        }
+        tracing::warn!(cut = ?peers.cut_links(), "links changed by fault injection");
+        Ok(Response::new(pb::CutLinksResponse { cut: peers.cut_links() }))
+    }
 }

@@ -4,7 +4,7 @@
 //! This file must not build any part of the node itself: it only calls `cascade_node::run`.
 
 use anyhow::Context;
-use cascade_node::config::NodeConfig;
+use cascade_node::config::{ClusterNode, NodeConfig};
 use cascade_node::seams::Seams;
 use clap::Args;
 use std::net::SocketAddr;
@@ -28,6 +28,26 @@ pub struct ServeArgs {
     /// Number of shards; fixed for the life of the cluster's data.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub shards: Option<u16>,
+    /// Region label of this node.
+    #[arg(long, value_name = "NAME")]
+    pub region: Option<String>,
+    /// Address other nodes and clients reach this node at (default: --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// A node of a new cluster, this one included; repeat for each (replaces the file's
+    /// cluster.nodes). Only read when the data dir is fresh.
+    #[arg(long = "peer", value_name = "ID=HOST:PORT@REGION")]
+    pub peers: Vec<ClusterNode>,
+    /// Start without initializing any shard, to be added with `cascade cluster add-node`.
+    #[arg(long)]
+    pub join: bool,
+    /// Revocation bound (P2) in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub revocation_bound_ms: Option<u64>,
+    /// Let an operator cut this node's links to peers (`cascade cluster cut`), for drills and
+    /// tests. Off by default.
+    #[arg(long)]
+    pub enable_fault_injection: bool,
 }
 
 impl ServeArgs {
@@ -48,6 +68,24 @@ impl ServeArgs {
         }
         if let Some(shards) = self.shards {
             config.shards = shards;
+        }
+        if let Some(region) = &self.region {
+            config.region = region.clone();
+        }
+        if let Some(advertise) = &self.advertise {
+            config.advertise = Some(advertise.clone());
+        }
+        if !self.peers.is_empty() {
+            config.cluster.nodes = self.peers.clone();
+        }
+        if self.join {
+            config.cluster.join = true;
+        }
+        if let Some(bound) = self.revocation_bound_ms {
+            config.revocation_bound_ms = bound;
+        }
+        if self.enable_fault_injection {
+            config.fault_injection = true;
         }
         Ok(config)
     }
