@@ -6,6 +6,7 @@ pub mod freshness;
 pub mod host;
 pub mod kv;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod placement;
 pub mod routing;

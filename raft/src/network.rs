@@ -13,7 +13,8 @@ use cascade_protocol::outcome::Applied;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
 use cascade_protocol::raft_pb::{
-    ElectRequest, ElectResponse, RaftMessage, ReadIndexProof, ReadIndexRequest, ReadIndexResponse,
+    ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, RaftMessage, ReadIndexProof,
+    ReadIndexRequest, ReadIndexResponse,
 };
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -284,6 +285,31 @@ impl RaftTransport for TransportServer {
         let raft = self.shard(&RaftMessage { shard, payload: Vec::new() })?;
         raft.trigger().elect().await.map_err(|e| Status::unavailable(format!("shard {shard}: {e}")))?;
         Ok(Response::new(ElectResponse {}))
+    }
+
+    async fn change_voters(
+        &self,
+        request: Request<ChangeVotersRequest>,
+    ) -> Result<Response<ChangeVotersResponse>, Status> {
+        Ok(Response::new(self.change_voters_impl(request.into_inner()).await?))
+    }
+}
+
+impl TransportServer {
+    async fn change_voters_impl(&self, r: ChangeVotersRequest) -> Result<ChangeVotersResponse, Status> {
+        let raft = self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
+        let voters = r
+            .voters
+            .into_iter()
+            .map(|v| (v.node_id, CascadeNode { addr: v.addr, region: v.region }))
+            .collect();
+        match crate::membership::change_voters(&raft, voters).await {
+            Ok(()) => Ok(ChangeVotersResponse {}),
+            Err(e @ crate::membership::MembershipError::NotLeader { .. }) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e) => Err(Status::unavailable(format!("shard {}: {e}", r.shard))),
+        }
     }
 }
 

@@ -601,66 +601,26 @@ impl Cascade for CascadeService {
     }
 
     async fn node_status(&self, _request: Request<pb::NodeStatusRequest>) -> Reply<pb::NodeStatusResponse> {
-        let mut shards = Vec::with_capacity(usize::from(self.ctx.n_shards));
-        let mut live = 0u64;
-        let mut nodes = std::collections::BTreeMap::new();
-        for shard in 0..self.ctx.n_shards {
-            let s = self.ctx.shard_status(shard).await?;
-            let m = self.ctx.raft(shard)?.metrics().borrow().clone();
-            let membership = m.membership_config.membership();
-            for (id, node) in membership.nodes() {
-                nodes.insert(*id, node.clone());
-            }
-            let voters: Vec<u64> = membership.voter_ids().collect();
-            let learners: Vec<u64> = membership.learner_ids().collect();
-            let last = m.last_log_index.unwrap_or(0);
-            let replication = m
-                .replication
-                .as_ref()
-                .map(|r| {
-                    r.iter()
-                        .map(|(id, matched)| {
-                            let matched_index = matched.map_or(0, |l| l.index);
-                            pb::ReplicaProgress {
-                                node_id: *id,
-                                matched_index,
-                                lag: last.saturating_sub(matched_index),
-                            }
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let staleness = self.ctx.staleness_ms(shard);
-            live += s.live_user_actors as u64;
-            shards.push(pb::ShardStatus {
-                shard: u32::from(s.shard),
-                leader: s.leader.unwrap_or(0),
-                role: s.role,
-                term: s.term,
-                last_log_index: s.last_log_index,
-                applied_index: s.applied_index,
-                snapshot_index: s.snapshot_index,
-                live_user_actors: s.live_user_actors as u64,
-                voters,
-                fresh: staleness.is_some(),
-                staleness_ms: staleness.unwrap_or(0),
-                replication,
-                learners,
-            });
+        Ok(Response::new(self.ctx.local_status().await?))
+    }
+
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Reply<pb::MembershipChangeResponse> {
+        let r = request.into_inner();
+        if r.node_id == 0 {
+            return Err(ApiError::from(FieldError::new("node_id", "must not be 0")).into());
         }
-        Ok(Response::new(pb::NodeStatusResponse {
-            node_id: self.ctx.node_id,
-            region: self.ctx.region.clone(),
-            n_shards: u32::from(self.ctx.n_shards),
-            shards,
-            live_user_actors: live,
-            nodes: nodes
-                .into_iter()
-                .map(|(node_id, n)| pb::ClusterNode { node_id, addr: n.addr, region: n.region })
-                .collect(),
-            addr: self.ctx.addr.clone(),
-            revocation_bound_ms: self.ctx.host.freshness.bound_ms,
-        }))
+        lim::check_id("addr", &r.addr, 256).map_err(ApiError::from)?;
+        lim::check_id("region", &r.region, lim::REGION_LEN_MAX).map_err(ApiError::from)?;
+        let node = cascade_raft::typ::CascadeNode { addr: r.addr, region: r.region };
+        Ok(Response::new(self.ctx.change_nodes(Some((r.node_id, node)), None).await?))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Reply<pb::MembershipChangeResponse> {
+        let r = request.into_inner();
+        Ok(Response::new(self.ctx.change_nodes(None, Some(r.node_id)).await?))
     }
 
     async fn transfer_leader(

@@ -46,6 +46,8 @@ pub struct NodeCtx {
     pub n_shards: u16,
     pub stale_reads: StaleReads,
     pub fault_injection: bool,
+    /// Replicas per shard wanted when nodes are added or removed.
+    pub replicas: usize,
     pub directory: ShardDirectory,
     pub host: Arc<RaftHost>,
     pub clock: Arc<dyn Clock>,
@@ -80,6 +82,7 @@ impl NodeCtx {
             n_shards,
             stale_reads: config.stale_reads,
             fault_injection: config.fault_injection,
+            replicas: config.cluster.replicas,
             directory,
             host,
             clock,

@@ -2,5 +2,6 @@
 //! actors; every error becomes a `tonic::Status` in one place, [`status::to_status`].
 
 pub mod cascade;
+pub mod cluster;
 pub mod ctx;
 pub mod status;

@@ -27,6 +27,8 @@ pub enum ApiError {
     /// The node a request was forwarded to answered with this status; it is passed on as is.
     #[error("{}", .0.message())]
     Remote(Status),
+    #[error("membership change failed: {0}")]
+    Membership(String),
     #[error("transfer of shard {shard}'s leadership failed: {reason}")]
     Transfer { shard: u16, reason: String },
     /// The shard's request bound is reached.
@@ -68,6 +70,7 @@ pub fn to_status(e: ApiError) -> Status {
         | ApiError::Forward { .. }
         | ApiError::Linearize { .. }
         | ApiError::Transfer { .. }
+        | ApiError::Membership(_)
         | ApiError::Timeout { .. }
         | ApiError::NoShard { .. }
         | ApiError::Partial { .. } => Status::unavailable(msg),
