@@ -64,10 +64,34 @@ pub fn rebalance(current: &[ShardPlacement], nodes: &Nodes, n_replicas: usize) -
                     *n = n.saturating_sub(1);
                 }
             }
-            let replicas = choose(&p.replicas, nodes, n_replicas, &mut load);
+            let mut replicas = choose(&p.replicas, nodes, n_replicas, &mut load);
+            level(&mut replicas, nodes, &mut load);
             ShardPlacement { shard: p.shard, replicas: load.order_leader_first(replicas, nodes) }
         })
         .collect()
+}
+
+/// Even out load within regions: move a replica to a node of the same region (so region
+/// diversity is unchanged) that holds at least two fewer replicas. This is what gives a newly
+/// added node its share.
+fn level(replicas: &mut [NodeId], nodes: &Nodes, load: &mut Load) {
+    let region = |id: &NodeId| nodes.get(id).map(|n| n.region.clone()).unwrap_or_default();
+    for i in 0..replicas.len() {
+        let from = replicas[i];
+        let from_load = load.replicas.get(&from).copied().unwrap_or(0);
+        let to = nodes
+            .keys()
+            .filter(|id| !replicas.contains(id) && region(id) == region(&from))
+            .min_by_key(|id| (load.replicas.get(id).copied().unwrap_or(0), **id))
+            .copied();
+        if let Some(to) = to {
+            if load.replicas.get(&to).copied().unwrap_or(0) + 1 < from_load {
+                replicas[i] = to;
+                *load.replicas.entry(from).or_default() -= 1;
+                *load.replicas.entry(to).or_default() += 1;
+            }
+        }
+    }
 }
 
 /// How many replicas and preferred leaderships each node has been given so far.
@@ -239,15 +263,15 @@ mod tests {
             assert_eq!(kept, 2, "only node 3's replica moves: {b:?} -> {a:?}");
             assert!(a.replicas.contains(&4));
         }
-        // A fourth node in an existing region: nothing needs to move.
+        // A fourth node in an existing region takes half of that region's replicas, and only
+        // replicas of that region move.
         let four = nodes(&[(1, "eu"), (2, "us"), (3, "ap"), (4, "ap")]);
         let after = rebalance(&before, &four, 3);
+        let on = |id: NodeId| after.iter().filter(|p| p.replicas.contains(&id)).count();
+        assert_eq!((on(3), on(4)), (16, 16));
         for (b, a) in before.iter().zip(&after) {
-            let mut x = b.replicas.clone();
-            let mut y = a.replicas.clone();
-            x.sort_unstable();
-            y.sort_unstable();
-            assert_eq!(x, y);
+            assert_eq!(regions(a, &four).len(), 3, "{a:?}");
+            assert!(a.replicas.contains(&1) && a.replicas.contains(&2), "{b:?} -> {a:?}");
         }
     }
 }

@@ -7,6 +7,8 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use cascade_node::config::NodeConfig;
 use cascade_node::seams::{Clock, Seams};
 use cascade_protocol::pb;
