@@ -163,7 +163,8 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, in
         let m = raft.metrics().borrow().clone();
         let me: NodeId = m.id;
         match m.current_leader {
-            Some(l) if l == me => led.push((shard, raft)),
+            Some(l) if l == me && m.state.is_leader() => led.push((shard, raft)),
+            Some(l) if l == me => freshness.clear_leader(shard),
             Some(l) => {
                 freshness.clear_leader(shard);
                 if let Some(node) = m.membership_config.membership().get_node(&l) {

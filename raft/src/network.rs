@@ -268,7 +268,11 @@ impl RaftTransport for TransportServer {
             .map(|&s| {
                 let proof = ShardId::try_from(s).ok().and_then(|shard| {
                     let raft = self.shards.get(shard)?;
-                    let leading = raft.metrics().borrow().current_leader == Some(raft_id(&raft));
+                    let leading = {
+                        let metrics = raft.metrics();
+                        let m = metrics.borrow();
+                        m.current_leader == Some(m.id) && m.state.is_leader()
+                    };
                     leading.then(|| self.freshness.leader_proof(shard)).flatten()
                 });
                 match proof {
@@ -311,8 +315,4 @@ impl TransportServer {
             Err(e) => Err(Status::unavailable(format!("shard {}: {e}", r.shard))),
         }
     }
-}
-
-fn raft_id(raft: &Raft) -> NodeId {
-    raft.metrics().borrow().id
 }

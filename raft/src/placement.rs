@@ -71,17 +71,20 @@ pub fn rebalance(current: &[ShardPlacement], nodes: &Nodes, n_replicas: usize) -
         .collect()
 }
 
-/// Even out load within regions: move a replica to a node of the same region (so region
-/// diversity is unchanged) that holds at least two fewer replicas. This is what gives a newly
-/// added node its share.
+/// Even out load: move a replica to a node holding at least two fewer replicas, in the same
+/// region or in a region the shard does not use yet (so region diversity never drops). This is
+/// what gives a newly added node its share.
 fn level(replicas: &mut [NodeId], nodes: &Nodes, load: &mut Load) {
     let region = |id: &NodeId| nodes.get(id).map(|n| n.region.clone()).unwrap_or_default();
     for i in 0..replicas.len() {
         let from = replicas[i];
         let from_load = load.replicas.get(&from).copied().unwrap_or(0);
+        let others: BTreeSet<String> = replicas.iter().filter(|id| **id != from).map(&region).collect();
         let to = nodes
             .keys()
-            .filter(|id| !replicas.contains(id) && region(id) == region(&from))
+            .filter(|id| {
+                !replicas.contains(id) && (region(id) == region(&from) || !others.contains(&region(id)))
+            })
             .min_by_key(|id| (load.replicas.get(id).copied().unwrap_or(0), **id))
             .copied();
         if let Some(to) = to {
@@ -226,6 +229,20 @@ mod tests {
         assert_eq!(replicas.len(), 6);
         assert!(replicas.values().all(|c| (31..=33).contains(c)), "{replicas:?}");
         assert!(leaders.values().all(|c| (10..=11).contains(c)), "{leaders:?}");
+    }
+
+    /// A node in a new region takes a share of the replicas; every shard keeps 3 regions.
+    #[test]
+    fn node_in_new_region_takes_a_share() {
+        let three = nodes(&[(1, "eu"), (2, "us"), (3, "ap")]);
+        let before = initial(30, &three, 3);
+        let four = nodes(&[(1, "eu"), (2, "us"), (3, "ap"), (4, "sa")]);
+        let after = rebalance(&before, &four, 3);
+        let on = |id: NodeId| after.iter().filter(|p| p.replicas.contains(&id)).count();
+        assert!((21..=24).contains(&on(4)), "node 4 holds {}", on(4));
+        for p in &after {
+            assert_eq!(regions(p, &four).len(), 3, "{p:?}");
+        }
     }
 
     /// Fewer regions than replicas: still three replicas, on distinct nodes.

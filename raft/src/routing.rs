@@ -60,6 +60,11 @@ pub async fn propose_local(raft: &Raft, shard: ShardId, envelope: Envelope) -> R
 pub fn leader_of(raft: &Raft) -> Option<(NodeId, CascadeNode)> {
     let m = raft.metrics().borrow().clone();
     let leader = m.current_leader?;
+    // A leader that removed itself from the voters keeps naming itself leader in openraft 0.9
+    // metrics while its role is no longer Leader: it is not one.
+    if leader == m.id && !m.state.is_leader() {
+        return None;
+    }
     let node = m.membership_config.membership().get_node(&leader)?.clone();
     Some((leader, node))
 }

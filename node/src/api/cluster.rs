@@ -41,7 +41,7 @@ impl NodeCtx {
         if let Some((id, node)) = &add {
             if let Some(existing) = nodes.get(id) {
                 if existing != node {
-                    return Err(ApiError::Membership(format!(
+                    return Err(ApiError::MembershipRefused(format!(
                         "node {id} is already in the cluster as {existing}; remove it first"
                     )));
                 }
@@ -50,10 +50,10 @@ impl NodeCtx {
         }
         if let Some(id) = remove {
             if nodes.remove(&id).is_none() {
-                return Err(ApiError::Membership(format!("node {id} is not in the cluster")));
+                return Err(ApiError::MembershipRefused(format!("node {id} is not in the cluster")));
             }
             if nodes.is_empty() {
-                return Err(ApiError::Membership("cannot remove the last node".to_owned()));
+                return Err(ApiError::MembershipRefused("cannot remove the last node".to_owned()));
             }
         }
         let current: Vec<ShardPlacement> = (0..self.n_shards)
@@ -173,7 +173,7 @@ impl NodeCtx {
             for n in status.nodes {
                 view.nodes.entry(n.node_id).or_insert(CascadeNode { addr: n.addr, region: n.region });
             }
-            for s in status.shards.iter().filter(|s| s.leader == *id) {
+            for s in status.shards.iter().filter(|s| s.leader == *id && s.role == "Leader") {
                 let Ok(shard) = ShardId::try_from(s.shard) else { continue };
                 let newer = view.shards.get(&shard).is_none_or(|(term, _, _)| s.term > *term);
                 if newer {

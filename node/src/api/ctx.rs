@@ -109,7 +109,11 @@ impl NodeCtx {
     /// Whether this node currently leads `shard` (by its own metrics; proves nothing about
     /// freshness, see freshness.rs).
     pub fn leads(&self, shard: ShardId) -> bool {
-        self.host.raft(shard).is_some_and(|r| r.metrics().borrow().current_leader == Some(self.node_id))
+        self.host.raft(shard).is_some_and(|r| {
+            let metrics = r.metrics();
+            let m = metrics.borrow();
+            m.current_leader == Some(self.node_id) && m.state.is_leader()
+        })
     }
 
     /// Wait until this node, as leader, has confirmed with a quorum that it is current and has

@@ -29,6 +29,8 @@ pub enum ApiError {
     Remote(Status),
     #[error("membership change failed: {0}")]
     Membership(String),
+    #[error("membership change refused: {0}")]
+    MembershipRefused(String),
     #[error("transfer of shard {shard}'s leadership failed: {reason}")]
     Transfer { shard: u16, reason: String },
     /// The shard's request bound is reached.
@@ -75,6 +77,7 @@ pub fn to_status(e: ApiError) -> Status {
         | ApiError::NoShard { .. }
         | ApiError::Partial { .. } => Status::unavailable(msg),
         ApiError::Busy { .. } => Status::resource_exhausted(msg),
+        ApiError::MembershipRefused(_) => Status::failed_precondition(msg),
         ApiError::Internal(_) => Status::internal(msg),
     }
 }

@@ -46,6 +46,17 @@ impl Api {
         Ok(Api { client: CascadeClient::new(channel), timeout })
     }
 
+    /// The same connection with another per-call deadline (for calls that take long, such as
+    /// membership changes).
+    pub fn with_timeout(&self, timeout: Duration) -> Api {
+        Api { client: self.client.clone(), timeout }
+    }
+
+    /// Deadline of every call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
@@ -187,6 +198,36 @@ impl Api {
     pub async fn node_status(&self) -> Result<pb::NodeStatusResponse, RpcError> {
         let mut c = self.client.clone();
         self.unary("NodeStatus", c.node_status(self.request(pb::NodeStatusRequest {}))).await
+    }
+
+    /// TransferLeader.
+    pub async fn transfer_leader(
+        &self,
+        m: pb::TransferLeaderRequest,
+    ) -> Result<pb::TransferLeaderResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("TransferLeader", c.transfer_leader(self.request(m))).await
+    }
+
+    /// AddNode.
+    pub async fn add_node(&self, m: pb::AddNodeRequest) -> Result<pb::MembershipChangeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("AddNode", c.add_node(self.request(m))).await
+    }
+
+    /// RemoveNode.
+    pub async fn remove_node(
+        &self,
+        m: pb::RemoveNodeRequest,
+    ) -> Result<pb::MembershipChangeResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("RemoveNode", c.remove_node(self.request(m))).await
+    }
+
+    /// CutLinks (fault injection).
+    pub async fn cut_links(&self, m: pb::CutLinksRequest) -> Result<pb::CutLinksResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("CutLinks", c.cut_links(self.request(m))).await
     }
 }
 

@@ -6,12 +6,14 @@
 //! through `cascade_node::run`).
 
 mod api;
+mod cluster;
 mod commands;
 mod demo;
 mod duration;
 mod exit;
 mod load;
 mod local;
+mod propagation;
 mod render;
 mod serve;
 
@@ -125,12 +127,22 @@ enum Command {
     /// Show the node's shards (leader, role, term, indexes) and totals.
     #[command(after_help = exit::HELP)]
     Status,
+    /// Operate the whole cluster: status of every node and shard, leadership transfer, adding
+    /// and removing nodes, and cutting links for drills.
+    #[command(after_help = exit::HELP)]
+    Cluster {
+        #[command(subcommand)]
+        what: cluster::ClusterCommand,
+    },
     /// Start a node in-process and walk through what Cascade promises, step by step.
     #[command(after_help = exit::HELP)]
     Demo(demo::DemoArgs),
     /// Create sessions, then measure CheckSession throughput and latency.
     #[command(after_help = exit::HELP)]
     Load(load::LoadArgs),
+    /// Measure how long an acknowledged revocation takes to be visible on every node of a
+    /// running cluster (p50/p99 in ms); exit 1 if any exceeded the revocation bound.
+    Propagation(propagation::PropagationArgs),
 }
 
 /// Parses the command line, runs the command, and turns its outcome into an exit code.
@@ -161,6 +173,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => return serve::serve(args).await,
         Command::Demo(args) => return demo::demo(args, timeout).await,
         Command::Load(args) => return load::load(args, &cli.addr, out, timeout).await,
+        Command::Propagation(args) => {
+            return propagation::propagation(args, &cli.addr, out, timeout).await;
+        }
         other => other,
     };
     let api = Api::connect(&cli.addr, timeout).await?;
@@ -179,7 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Revoke { what } => commands::revoke(&api, out, what).await,
         Command::Watermark(args) => commands::watermark(&api, out, args).await,
         Command::Status => commands::status(&api, out).await,
-        Command::Serve(_) | Command::Demo(_) | Command::Load(_) => Ok(exit::INTERNAL),
+        Command::Cluster { what } => cluster::run(&api, &cli.addr, out, what).await,
+        Command::Serve(_) | Command::Demo(_) | Command::Load(_) | Command::Propagation(_) => {
+            Ok(exit::INTERNAL)
+        }
     }
 }
 
@@ -209,6 +227,13 @@ mod tests {
             "cascade status -o json --addr 127.0.0.1:7400",
             "cascade load --local --sessions 100 --concurrency 4 --duration-s 1",
             "cascade demo --keep",
+            "cascade --addr 127.0.0.1:7401 cluster status",
+            "cascade cluster status -o json --timeout-ms 500",
+            "cascade cluster transfer-leader --shard 3 --to 2",
+            "cascade cluster add-node --id 4 --node-addr 127.0.0.1:7404 --region eu",
+            "cascade cluster remove-node --id 4",
+            "cascade cluster cut --peer 127.0.0.1:7402 --peer 127.0.0.1:7403",
+            "cascade cluster cut --heal",
         ] {
             let args: Vec<&str> = line.split_whitespace().collect();
             if let Err(err) = Cli::try_parse_from(&args) {
@@ -225,6 +250,10 @@ mod tests {
             "cascade revoke session cs_x --reason nope",
             "cascade create --tenant a --user b --client c --ttl 8x",
             "cascade serve --shards 0",
+            "cascade cluster transfer-leader --shard 1",
+            "cascade cluster transfer-leader --shard 1 --to 0",
+            "cascade cluster add-node --id 4 --node-addr 127.0.0.1:7404",
+            "cascade cluster remove-node",
         ] {
             let args: Vec<&str> = line.split_whitespace().collect();
             assert!(Cli::try_parse_from(&args).is_err(), "{line}");
