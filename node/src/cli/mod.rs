@@ -134,7 +134,7 @@ enum Command {
         #[command(subcommand)]
         what: cluster::ClusterCommand,
     },
-    /// Start a node in-process and walk through what Cascade promises, step by step.
+    /// Start 3 nodes in 3 regions, walk through what Cascade promises, kill a shard leader.
     #[command(after_help = exit::HELP)]
     Demo(demo::DemoArgs),
     /// Create sessions, then measure CheckSession throughput and latency.
