@@ -119,9 +119,13 @@ async fn run_load(args: &LoadArgs, url: &str, timeout: Duration) -> anyhow::Resu
                 ttl_ms: SESSION_TTL_MS,
                 ..Default::default()
             };
-            async move { api.create_session(request).await }
+            async move {
+                let sent = Instant::now();
+                (api.create_session(request).await, sent.elapsed())
+            }
         })
         .buffer_unordered(concurrency);
+    let mut create_latency_us = new_histogram()?;
     futures::pin_mut!(creates);
     let mut ids: Vec<String> = Vec::with_capacity(usize::try_from(args.sessions).unwrap_or(0));
     let mut create_errors: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -130,8 +134,12 @@ async fn run_load(args: &LoadArgs, url: &str, timeout: Duration) -> anyhow::Resu
     let mut timed_out = false;
     loop {
         match tokio::time::timeout_at(create_deadline, creates.next()).await {
-            Ok(Some(Ok(r))) => ids.push(r.session_id),
-            Ok(Some(Err(err))) => {
+            Ok(Some((Ok(r), took))) => {
+                create_latency_us
+                    .saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
+                ids.push(r.session_id);
+            }
+            Ok(Some((Err(err), _))) => {
                 *create_errors.entry(code_name(err.code)).or_default() += 1;
                 first_create_error.get_or_insert(err);
             }
@@ -219,6 +227,9 @@ async fn run_load(args: &LoadArgs, url: &str, timeout: Duration) -> anyhow::Resu
         .with("create_errors", n_create_errors)
         .with("create_s", create_s)
         .with("creates_per_s", per_s(ids.len() as u64, create_s))
+        .with("create_latency_us.p50", create_latency_us.value_at_quantile(0.5))
+        .with("create_latency_us.p99", create_latency_us.value_at_quantile(0.99))
+        .with("create_latency_us.max", create_latency_us.max())
         .with("check_s", check_s)
         .with("checks", checks)
         .with("check_errors", n_check_errors)
