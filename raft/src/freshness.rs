@@ -124,19 +124,10 @@ impl Freshness {
         let now = self.now_ms();
         let applied = self.applied_index(shard);
         let mut s = self.shard(shard)?;
-        while let Some(p) = s.pending.front().copied() {
-            if p.read_index > applied {
-                break;
-            }
-            s.pending.pop_front();
-            s.fresh_as_of_ms = s.fresh_as_of_ms.max(Some(p.at_ms));
-        }
-        // A later pending proof may already be applied even if an earlier one is not (indexes
-        // grow with time, so this only happens after a pop above); scan the rest once.
-        let satisfied: Option<u64> =
-            s.pending.iter().filter(|p| p.read_index <= applied).map(|p| p.at_ms).max();
-        if let Some(at) = satisfied {
-            s.fresh_as_of_ms = s.fresh_as_of_ms.max(Some(at));
+        // Every pending proof whose index is applied now counts; the newest of them wins.
+        let satisfied = s.pending.iter().filter(|p| p.read_index <= applied).map(|p| p.at_ms).max();
+        if satisfied.is_some() {
+            s.fresh_as_of_ms = s.fresh_as_of_ms.max(satisfied);
             s.pending.retain(|p| p.read_index > applied);
         }
         let age = now.saturating_sub(s.fresh_as_of_ms?);
@@ -204,4 +195,57 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, in
         }
     }));
     futures::future::join(leaders, followers).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemTree;
+    use crate::sm::ShardStateMachine;
+
+    fn tracker(bound_ms: u64) -> Freshness {
+        let sm = ShardStateMachine::open(0, Arc::new(MemTree::default()), Default::default(), None)
+            .expect("open state machine");
+        Freshness::new(vec![sm.reader()], bound_ms)
+    }
+
+    /// P2: no proof, no answer; a proof counts only once its index is applied.
+    #[tokio::test]
+    async fn a_proof_counts_only_once_applied() {
+        let f = tracker(60_000);
+        assert_eq!(f.staleness_ms(0), None, "no proof yet");
+        f.record(0, Proof { at_ms: f.now_ms(), read_index: 3 });
+        assert_eq!(f.staleness_ms(0), None, "index 3 is not applied (applied is 0)");
+        f.record(0, Proof { at_ms: f.now_ms(), read_index: 0 });
+        assert!(f.staleness_ms(0).is_some(), "an applied proof makes the replica fresh");
+        assert_eq!(f.staleness_ms(1), None, "unknown shard");
+    }
+
+    /// P2: a proof older than the bound does not count, however it was obtained.
+    #[tokio::test]
+    async fn a_proof_older_than_the_bound_expires() {
+        let f = tracker(1);
+        f.record_leader(0, Proof { at_ms: 0, read_index: 0 });
+        let start = std::time::Instant::now();
+        while f.now_ms() < 3 {
+            assert!(start.elapsed() < Duration::from_secs(5), "monotonic clock does not advance");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(f.staleness_ms(0), None);
+        let (read_index, age_ms) = f.leader_proof(0).expect("leader proof kept for followers");
+        assert_eq!(read_index, 0);
+        assert!(age_ms >= 3, "the age handed to followers grows: {age_ms}");
+        f.clear_leader(0);
+        assert_eq!(f.leader_proof(0), None);
+    }
+
+    /// Pending proofs are bounded.
+    #[tokio::test]
+    async fn pending_proofs_are_bounded() {
+        let f = tracker(60_000);
+        for i in 0..(PENDING_PROOFS_MAX as u64 * 2) {
+            f.record(0, Proof { at_ms: i, read_index: 100 + i });
+        }
+        assert_eq!(f.shard(0).expect("shard").pending.len(), PENDING_PROOFS_MAX);
+    }
 }

@@ -183,11 +183,9 @@ impl CascadeService {
         let here = if linearizable { None } else { self.ctx.staleness_ms(shard) };
         match here {
             Some(staleness) => Ok(Some(staleness)),
-            None if forwarded || self.ctx.stale_reads == StaleReads::Unavailable => Err(self
-                .ctx
-                .fresh_or_stale(shard)
-                .err()
-                .unwrap_or(ApiError::Stale { shard, bound_ms: self.ctx.host.freshness.bound_ms })),
+            None if forwarded || self.ctx.stale_reads == StaleReads::Unavailable => {
+                Err(self.ctx.stale(shard))
+            }
             None => Ok(None),
         }
     }

@@ -101,9 +101,9 @@ impl NodeCtx {
         self.host.freshness.staleness_ms(shard)
     }
 
-    /// Whether a read of `shard` may be answered here; if not, why (for `stale_reads` to decide).
-    pub fn fresh_or_stale(&self, shard: ShardId) -> Result<u64, ApiError> {
-        self.staleness_ms(shard).ok_or(ApiError::Stale { shard, bound_ms: self.host.freshness.bound_ms })
+    /// The refusal of a read this replica cannot prove fresh (P2: never a stale answer).
+    pub fn stale(&self, shard: ShardId) -> ApiError {
+        ApiError::Stale { shard, bound_ms: self.host.freshness.bound_ms }
     }
 
     /// Whether this node currently leads `shard` (by its own metrics; proves nothing about
@@ -143,10 +143,9 @@ impl NodeCtx {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let raft = self.raft(shard)?;
-        let stale = ApiError::Stale { shard, bound_ms: self.host.freshness.bound_ms };
-        let Some((leader, node)) = routing::leader_of(&raft) else { return Err(stale) };
+        let Some((leader, node)) = routing::leader_of(&raft) else { return Err(self.stale(shard)) };
         if leader == self.node_id {
-            return Err(stale);
+            return Err(self.stale(shard));
         }
         let channel = self.host.peers.channel(&node.addr).map_err(|e| ApiError::Forward {
             shard,

@@ -467,6 +467,43 @@ impl Walk {
             }
         }
     }
+
+    /// Revoke one session at `node`, printing what was asked and what came back, and record what
+    /// was revoked; `None` (judged as a failure of `promise`) if the node refused.
+    async fn revoke_at(
+        &mut self,
+        node: usize,
+        session_id: &str,
+        reason: ReasonCode,
+        text: &str,
+        promise: &str,
+    ) -> Option<pb::RevokeResponse> {
+        self.did(&format!(
+            "RevokeSession {session_id} reason={} at {}",
+            reason.as_str_name(),
+            self.name(node)
+        ));
+        let api = self.at(node)?;
+        let request = pb::RevokeSessionRequest {
+            session_id: session_id.to_owned(),
+            revocation: Some(pb::Revocation {
+                reason: reason as i32,
+                text: text.to_owned(),
+                actor: "cascade-demo".into(),
+            }),
+        };
+        match api.revoke_session(request).await {
+            Ok(r) => {
+                self.got(&format!("revoked_session_ids=[{}]", r.revoked_session_ids.join(",")));
+                self.record_revoked(&r.revoked_session_ids);
+                Some(r)
+            }
+            Err(err) => {
+                self.error(promise, err);
+                None
+            }
+        }
+    }
 }
 
 /// `cascade demo`.
@@ -1240,25 +1277,16 @@ async fn failover(walk: &mut Walk, cluster: &mut LocalCluster, timeout: Duration
     }
     let mut revoked_before = false;
     if let Some(id) = before.first().cloned() {
-        walk.did(&format!("RevokeSession {id} reason=COMPROMISED at {}", walk.name(writer)));
-        if let Some(api) = walk.at(writer) {
-            let request = pb::RevokeSessionRequest {
-                session_id: id.clone(),
-                revocation: Some(pb::Revocation {
-                    reason: ReasonCode::Compromised as i32,
-                    text: "demo: revoked right before the failure".into(),
-                    actor: "cascade-demo".into(),
-                }),
-            };
-            match api.revoke_session(request).await {
-                Ok(r) => {
-                    walk.got(&format!("revoked_session_ids=[{}]", r.revoked_session_ids.join(",")));
-                    walk.record_revoked(&r.revoked_session_ids);
-                    revoked_before = r.revoked_session_ids.contains(&id);
-                }
-                Err(err) => walk.error("the session is revoked", err),
-            }
-        }
+        let revoked = walk
+            .revoke_at(
+                writer,
+                &id,
+                ReasonCode::Compromised,
+                "demo: revoked right before the failure",
+                "the session is revoked",
+            )
+            .await;
+        revoked_before = revoked.is_some_and(|r| r.revoked_session_ids.contains(&id));
     }
     walk.judge(
         &format!(
@@ -1391,24 +1419,12 @@ async fn failover(walk: &mut Walk, cluster: &mut LocalCluster, timeout: Duration
         before.iter().find(|id| walk.acked.get(*id).is_some_and(|a| a.expect == CheckStatus::Valid)).cloned();
     match (target, survivors.first().copied()) {
         (Some(id), Some(via)) => {
-            walk.did(&format!("RevokeSession {id} reason=ADMIN at {}", walk.name(via)));
-            if let Some(api) = walk.at(via) {
-                let request = pb::RevokeSessionRequest {
-                    session_id: id.clone(),
-                    revocation: Some(pb::Revocation {
-                        reason: ReasonCode::Admin as i32,
-                        text: "demo: revoked after the failover".into(),
-                        actor: "cascade-demo".into(),
-                    }),
-                };
-                match api.revoke_session(request).await {
-                    Ok(r) => {
-                        walk.got(&format!("revoked_session_ids=[{}]", r.revoked_session_ids.join(",")));
-                        walk.record_revoked(&r.revoked_session_ids);
-                        walk.judge("the revocation is acknowledged", r.revoked_session_ids.contains(&id));
-                    }
-                    Err(err) => walk.error("the revocation is acknowledged", err),
-                }
+            let promise = "the revocation is acknowledged";
+            let revoked = walk
+                .revoke_at(via, &id, ReasonCode::Admin, "demo: revoked after the failover", promise)
+                .await;
+            if let Some(r) = revoked {
+                walk.judge(promise, r.revoked_session_ids.contains(&id));
             }
             for &s in &survivors {
                 walk.check_at(
