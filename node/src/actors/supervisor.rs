@@ -14,6 +14,8 @@ use std::sync::{Arc, RwLock};
 /// Restarts of one shard actor before the supervisor gives up (and the node stops serving that
 /// shard loudly rather than flapping).
 const SHARD_RESTARTS_MAX: u32 = 16;
+/// How long a stopping supervisor waits for its shard actors to stop.
+const CHILDREN_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The current shard actor of every local shard.
 #[derive(Clone, Default)]
@@ -128,6 +130,17 @@ impl Actor for NodeSupervisor {
                 start_shard(&myself, state, args).await?;
             }
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        _state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Wait until every shard actor has stopped (and left ractor's process-wide registry), so a
+        // node restarted in the same process can take the same names.
+        myself.stop_children_and_wait(Some("node shutdown".to_owned()), Some(CHILDREN_STOP_WAIT)).await;
         Ok(())
     }
 }
