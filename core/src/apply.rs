@@ -193,6 +193,12 @@ fn revoke_cascade(
         }
     }
     targets.sort();
+    if crate::planted::planted(crate::planted::Bug::SkipCascadeChild) {
+        // Planted bug: forget the last descendant of the cascade.
+        if let Some(pos) = targets.iter().rposition(|(_, r)| *r == Reason::ParentRevoked) {
+            targets.remove(pos);
+        }
+    }
     let mut revoked = Vec::new();
     for (id, reason) in targets {
         let Some(s) = user.sessions.get_mut(&id) else { continue };

@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod limits;
 pub mod model;
+pub mod planted;
 pub mod validity;
 pub mod view;
 

@@ -47,8 +47,11 @@ pub async fn run(
         snapshot_every_n_logs: config.snapshot_every_n_logs,
     };
     let host = Arc::new(RaftHost::open(host_config, seams.storage, seams.peers, Some(observer)).await?);
+    if let Some(on_host) = seams.on_host {
+        on_host(host.clone());
+    }
 
-    let node_prefix = format!("n{}", config.node_id);
+    let node_prefix = seams.actor_prefix;
     let shards = (0..config.shards)
         .map(|shard| -> anyhow::Result<ShardArgs> {
             Ok(ShardArgs {
@@ -71,7 +74,7 @@ pub async fn run(
     .await
     .context("start actors")?;
 
-    let ctx = Arc::new(NodeCtx::new(&config, directory, host.clone(), seams.clock.clone()));
+    let ctx = Arc::new(NodeCtx::new(&config, directory, host.clone(), seams.clock.clone(), seams.entropy));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -87,17 +90,14 @@ pub async fn run(
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-    let local = seams.listener.local_addr().ok();
+    let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
     let served = tonic::transport::Server::builder()
         .add_service(api)
         .add_service(transport)
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(seams.listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(seams.listener.into_stream(), shutdown)
         .await;
 
     tracing::info!(node = config.node_id, "shutting down");
@@ -120,7 +120,7 @@ mod tests {
         let _guard = rt.enter();
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let dir = tempfile::tempdir().expect("tempdir");
-        let seams = crate::seams::Seams::production(listener, dir.path());
+        let seams = crate::seams::Seams::production(listener, dir.path(), 1);
         let fut = super::run(crate::config::NodeConfig::default(), seams, std::future::pending());
         assert_send(&fut);
     }

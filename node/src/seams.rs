@@ -1,8 +1,10 @@
 //! Everything a node touches outside itself, passed in when it starts, so tests and the
 //! simulator run the very same node code on a different listener, storage and clock.
 
-use cascade_raft::host::Storage;
+use cascade_raft::conn::Conn;
+use cascade_raft::host::{RaftHost, Storage};
 use cascade_raft::network::Peers;
+use futures::stream::{BoxStream, StreamExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,24 +25,79 @@ impl Clock for SystemClock {
     }
 }
 
+/// Unguessable random numbers: session ids and refresh-token secrets.
+pub trait Entropy: Send + Sync + 'static {
+    fn u128(&self) -> u128;
+}
+
+/// The operating system's generator (`rand::thread_rng`, a CSPRNG seeded by the OS).
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn u128(&self) -> u128 {
+        rand::random()
+    }
+}
+
+/// The connections a node accepts.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    /// Any stream of connections (the simulator's network).
+    Incoming(BoxStream<'static, std::io::Result<Conn>>),
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Incoming(_) => None,
+        }
+    }
+
+    /// Every accepted connection, as tonic serves them.
+    pub fn into_stream(self) -> BoxStream<'static, std::io::Result<Conn>> {
+        match self {
+            Listener::Tcp(l) => tokio_stream::wrappers::TcpListenerStream::new(l)
+                .map(|accepted| {
+                    accepted.map(|stream| {
+                        // Requests are small and latency-bound.
+                        let _ = stream.set_nodelay(true);
+                        Conn::new(stream)
+                    })
+                })
+                .boxed(),
+            Listener::Incoming(s) => s,
+        }
+    }
+}
+
 /// The outside world of one node.
 pub struct Seams {
     /// Where the node serves gRPC (public API, Raft transport, health, reflection).
-    pub listener: tokio::net::TcpListener,
+    pub listener: Listener,
     pub storage: Storage,
     pub clock: Arc<dyn Clock>,
     /// The connector to other nodes (one channel per peer); tests cut links through it.
     pub peers: Peers,
+    pub entropy: Arc<dyn Entropy>,
+    /// Prefix of this node's actor names. ractor's registry is process-wide, so nodes sharing a
+    /// process (the simulator, restarting nodes in place) need distinct prefixes.
+    pub actor_prefix: String,
+    /// Called with the Raft host once it is open (the simulator observes leadership through it).
+    pub on_host: Option<Box<dyn FnOnce(Arc<RaftHost>) + Send>>,
 }
 
 impl Seams {
     /// Real sockets, real disk under `data_dir`, the system clock.
-    pub fn production(listener: tokio::net::TcpListener, data_dir: &Path) -> Seams {
+    pub fn production(listener: tokio::net::TcpListener, data_dir: &Path, node_id: u64) -> Seams {
         Seams {
-            listener,
+            listener: Listener::Tcp(listener),
             storage: Storage::Dir(data_dir.to_owned()),
             clock: Arc::new(SystemClock),
             peers: Peers::default(),
+            entropy: Arc::new(OsEntropy),
+            actor_prefix: format!("n{node_id}"),
+            on_host: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::network::{NetworkFactory, Peers, ShardTable};
 use crate::placement::{self, Nodes, ShardPlacement};
 use crate::sm::{ApplyObserver, ShardReader, ShardStateMachine};
 use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
-use crate::wal::{Wal, WalConfig};
+use crate::wal::{Wal, WalConfig, WriterMode};
 use anyhow::Context;
 use cascade_core::limits::Limits;
 use cascade_protocol::ids::ShardId;
@@ -42,6 +42,9 @@ pub enum Storage {
 pub struct MemStorage {
     pub wal: MemDisk,
     pub trees: Arc<std::sync::Mutex<BTreeMap<ShardId, MemTree>>>,
+    /// How long each log sync takes; the log is written but not durable meanwhile. The log's
+    /// writer runs as a task (not a thread) on this storage, so it follows a simulated clock.
+    pub sync_delay: Duration,
 }
 
 impl MemStorage {
@@ -154,7 +157,7 @@ impl RaftHost {
                 let sm_dir = dir.join("sm");
                 std::fs::create_dir_all(&wal_dir).with_context(|| format!("create {}", wal_dir.display()))?;
                 let disk = FileDisk::open(&wal_dir).with_context(|| format!("open {}", wal_dir.display()))?;
-                let wal = open_wal(disk)?;
+                let wal = open_wal(disk, WriterMode::Thread)?;
                 let db = sled::Config::new()
                     .path(&sm_dir)
                     .cache_capacity(256 << 20)
@@ -170,7 +173,7 @@ impl RaftHost {
                 )
             }
             Storage::Memory(mem) => {
-                let wal = open_wal(mem.wal.clone())?;
+                let wal = open_wal(mem.wal.clone(), WriterMode::Task { sync_delay: mem.sync_delay })?;
                 let mem = mem.clone();
                 (wal, Box::new(move |shard| Ok(Arc::new(mem.tree(shard)) as Arc<dyn KvTree>)))
             }
@@ -298,6 +301,6 @@ async fn initialize(
     }
 }
 
-fn open_wal(disk: impl Disk) -> anyhow::Result<Wal<TypeConfig>> {
-    Wal::open(disk, WalConfig::default()).context("open raft log")
+fn open_wal(disk: impl Disk, writer: WriterMode) -> anyhow::Result<Wal<TypeConfig>> {
+    Wal::open(disk, WalConfig { writer, ..WalConfig::default() }).context("open raft log")
 }

@@ -1,6 +1,7 @@
 //! openraft integration for Cascade: the node-wide group-commit log, the sled-backed state
 //! machine, the multi-raft host and the tonic transport. Knows nothing of HTTP, CLI or actors.
 
+pub mod conn;
 pub mod disk;
 pub mod freshness;
 pub mod host;
@@ -10,6 +11,7 @@ pub mod membership;
 pub mod network;
 pub mod placement;
 pub mod routing;
+pub mod runtime;
 pub mod sm;
 pub mod typ;
 pub mod wal;

@@ -3,6 +3,7 @@
 //! partition drops traffic silently. Snapshots travel as openraft's chunked install-snapshot
 //! messages, each chunk bounded by `snapshot_max_chunk_size`.
 
+use crate::conn::{lazy_channel, Dialer};
 use crate::freshness::Freshness;
 use crate::routing::{propose_local, ProposeError};
 use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
@@ -50,9 +51,16 @@ pub struct Peers {
     /// Addresses this node must not talk to: a test or drill hook that cuts links. Empty in
     /// normal operation.
     cut: Arc<RwLock<BTreeSet<String>>>,
+    /// How to open a stream to a peer; `None`: TCP.
+    dialer: Option<Dialer>,
 }
 
 impl Peers {
+    /// Peers reached through `dialer` instead of TCP (the simulator's network).
+    pub fn with_dialer(dialer: Dialer) -> Peers {
+        Peers { dialer: Some(dialer), ..Peers::default() }
+    }
+
     /// Stop all traffic from this node to `addr` until [`Peers::heal`].
     pub fn cut(&self, addr: &str) {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned());
@@ -77,11 +85,14 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|source| PeerError::Address { addr: addr.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = match &self.dialer {
+            Some(dial) => lazy_channel(endpoint, addr, Arc::clone(dial)),
+            None => endpoint.connect_lazy(),
+        };
         map.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -32,6 +32,7 @@ openraft::declare_raft_types!(
         Node = CascadeNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = crate::runtime::CascadeRuntime,
 );
 
 pub type NodeId = u64;

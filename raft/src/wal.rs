@@ -81,12 +81,24 @@ pub struct WalConfig {
     /// Bytes of records written into a segment after its leading checkpoint, beyond which the
     /// writer checkpoints into a new segment and removes the old ones.
     pub segment_bytes_max: u64,
+    pub writer: WriterMode,
 }
 
 impl Default for WalConfig {
     fn default() -> Self {
-        WalConfig { segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT }
+        WalConfig { segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT, writer: WriterMode::Thread }
     }
+}
+
+/// Where the writer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterMode {
+    /// Its own thread, blocking on the disk (production).
+    Thread,
+    /// A task on the current tokio runtime, for in-memory disks under a simulated clock: a
+    /// real thread would race the simulation. Each sync takes `sync_delay` of (simulated) time,
+    /// during which the batch is written but not durable.
+    Task { sync_delay: std::time::Duration },
 }
 
 /// Failures of the WAL.
@@ -602,10 +614,17 @@ impl<C: WalTypes> Wal<C> {
             None => writer.roll().map_err(io_err("creating the first segment"))?,
         }
         writer.publish_syncs();
-        std::thread::Builder::new()
-            .name(WRITER_THREAD_NAME.to_owned())
-            .spawn(move || writer.run())
-            .map_err(io_err("starting the writer thread"))?;
+        match config.writer {
+            WriterMode::Thread => {
+                std::thread::Builder::new()
+                    .name(WRITER_THREAD_NAME.to_owned())
+                    .spawn(move || writer.run())
+                    .map_err(io_err("starting the writer thread"))?;
+            }
+            WriterMode::Task { sync_delay } => {
+                tokio::spawn(writer.run_task(sync_delay));
+            }
+        }
         Ok(Wal { inner: Arc::new(WalInner { tx, shared }) })
     }
 
@@ -797,27 +816,68 @@ impl<C: WalTypes> Writer<C> {
             let Some(first) = self.rx.blocking_recv() else {
                 break; // every handle dropped
             };
-            let mut batch = Vec::new();
-            let mut batch_bytes = 0;
-            let mut next = Some(first);
-            while let Some(request) = next.take() {
-                match request {
-                    Request::Write(write) => {
-                        batch_bytes += write.frame.len();
-                        batch.push(write);
-                    }
-                    Request::Shutdown(ack) => {
-                        shutdown = Some(ack);
-                        break;
-                    }
-                }
-                if batch.len() < WAL_BATCH_LEN_MAX && batch_bytes < WAL_BATCH_BYTES_MAX {
-                    next = self.rx.try_recv().ok();
-                }
-            }
+            let batch = self.gather(first, &mut shutdown);
             self.commit(batch);
         }
-        // Fail whatever raced in behind the shutdown instead of leaving its waiters hanging.
+        self.stop(shutdown);
+    }
+
+    /// [`Writer::run`] as a task: the same batches, each sync taking `sync_delay`.
+    async fn run_task(mut self, sync_delay: std::time::Duration) {
+        let mut shutdown = None;
+        while shutdown.is_none() {
+            let Some(first) = self.rx.recv().await else {
+                break; // every handle dropped
+            };
+            let mut batch = self.gather(first, &mut shutdown);
+            let appended = self.append_batch(&batch);
+            if cascade_core::planted::planted(cascade_core::planted::Bug::AckBeforeFlush) {
+                // Planted bug: tell Raft the entries are durable while they are only written.
+                for write in &mut batch {
+                    if let Some(done) = write.done.take() {
+                        done(Ok(()));
+                    }
+                }
+            }
+            let result = match appended {
+                Ok(true) => {
+                    tokio::time::sleep(sync_delay).await;
+                    self.sync_batch()
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            self.finish(batch, result);
+        }
+        self.stop(shutdown);
+    }
+
+    /// The batch that starts with `first`: every request already queued behind it, up to the
+    /// batch bounds or a shutdown request (stored in `shutdown`).
+    fn gather(&mut self, first: Request, shutdown: &mut Option<oneshot::Sender<()>>) -> Vec<Write> {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Request::Write(write) => {
+                    batch_bytes += write.frame.len();
+                    batch.push(write);
+                }
+                Request::Shutdown(ack) => {
+                    *shutdown = Some(ack);
+                    break;
+                }
+            }
+            if batch.len() < WAL_BATCH_LEN_MAX && batch_bytes < WAL_BATCH_BYTES_MAX {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        batch
+    }
+
+    /// Fails whatever raced in behind the shutdown, releases the disk, acknowledges the shutdown.
+    fn stop(mut self, shutdown: Option<oneshot::Sender<()>>) {
         self.rx.close();
         while let Ok(request) = self.rx.try_recv() {
             if let Request::Write(Write { done: Some(done), .. }) = request {
@@ -832,10 +892,20 @@ impl<C: WalTypes> Writer<C> {
 
     /// Writes and syncs a batch, then completes its waiters; rolls if the segment is full.
     fn commit(&mut self, batch: Vec<Write>) {
+        let result = match self.append_batch(&batch) {
+            Ok(true) => self.sync_batch(),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.finish(batch, result);
+    }
+
+    /// Completes the waiters of a batch with `result` (the outcome of writing and syncing it);
+    /// rolls if the segment is full.
+    fn finish(&mut self, batch: Vec<Write>, result: io::Result<()>) {
         if batch.is_empty() {
             return;
         }
-        let result = self.write_batch(&batch);
         if let Err(e) = &result {
             tracing::error!(error = %e, "wal write failed; failing all further writes");
             self.failure.get_or_insert_with(|| e.to_string());
@@ -858,7 +928,10 @@ impl<C: WalTypes> Writer<C> {
         }
     }
 
-    fn write_batch(&mut self, batch: &[Write]) -> io::Result<()> {
+    /// Appends the batch's new frames to the segment, not yet durable. `Ok(false)`: nothing to
+    /// write (only waits, or writes a checkpoint already made durable): every earlier write was
+    /// synced by an earlier batch or roll.
+    fn append_batch(&mut self, batch: &[Write]) -> io::Result<bool> {
         if let Some(failure) = &self.failure {
             return Err(io::Error::other(format!("wal failed earlier: {failure}")));
         }
@@ -869,13 +942,16 @@ impl<C: WalTypes> Writer<C> {
                 buf.extend_from_slice(&write.frame);
             }
         }
-        // Nothing new (only waits, or writes a checkpoint already made durable): every earlier
-        // write was synced by an earlier batch or roll.
         if buf.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.disk.append(self.segment, &buf)?;
         self.segment_len += buf.len() as u64;
+        Ok(true)
+    }
+
+    /// Makes everything appended so far durable.
+    fn sync_batch(&mut self) -> io::Result<()> {
         self.disk.sync(self.segment)?;
         self.publish_syncs();
         Ok(())
@@ -1256,7 +1332,7 @@ mod tests {
         let first_segment = fs::read(&first_path)?;
 
         // Any write now rolls to segment 2, which supersedes and removes segment 1.
-        let tiny = WalConfig { segment_bytes_max: 1 };
+        let tiny = WalConfig { segment_bytes_max: 1, ..WalConfig::default() };
         let wal = TestWal::open(FileDisk::open(dir.path())?, tiny)?;
         append_durable(&wal, 7, vec![entry(1, 1, "rolled")]).await?;
         let rolled = dump(&wal);
@@ -1401,7 +1477,7 @@ mod tests {
         const APPENDS: u64 = 25;
         let disk = MemDisk::new();
         // Small segments so some acknowledgements are covered by a checkpoint instead.
-        let wal = TestWal::open(disk.clone(), WalConfig { segment_bytes_max: 4096 })?;
+        let wal = TestWal::open(disk.clone(), WalConfig { segment_bytes_max: 4096, ..WalConfig::default() })?;
         let violations = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for shard in 0..SHARDS {
@@ -1521,7 +1597,7 @@ mod tests {
         const APPENDS: u64 = 300;
         const KEEP: u64 = 10;
         let disk = MemDisk::new();
-        let config = WalConfig { segment_bytes_max: 8 * 1024 };
+        let config = WalConfig { segment_bytes_max: 8 * 1024, ..WalConfig::default() };
         let wal = TestWal::open(disk.clone(), config.clone())?;
         let max_segments = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -1572,7 +1648,7 @@ mod tests {
     async fn live_state_bigger_than_a_segment_does_not_roll_every_batch() -> anyhow::Result<()> {
         const APPENDS: u64 = 400;
         let disk = MemDisk::new();
-        let config = WalConfig { segment_bytes_max: 2048 };
+        let config = WalConfig { segment_bytes_max: 2048, ..WalConfig::default() };
         let wal = TestWal::open(disk.clone(), config.clone())?;
         let record_bytes = encode_frame::<TestConfig>(&Record::Append {
             shard: 0,
@@ -1631,6 +1707,35 @@ mod tests {
         wal.shutdown().await?; // idempotent
         let wal = TestWal::open(disk.crash(), WalConfig::default())?;
         assert_eq!(wal.entries(0, ..).len(), 1);
+        wal.shutdown().await?;
+        Ok(())
+    }
+
+    /// The task writer (simulator) keeps a batch written but not durable for `sync_delay` of
+    /// tokio time: a crash inside that window loses it, and nobody was told it was durable.
+    #[tokio::test(start_paused = true)]
+    async fn task_writer_acknowledges_only_after_its_simulated_sync() -> anyhow::Result<()> {
+        let disk = MemDisk::new();
+        let sync_delay = Duration::from_millis(50);
+        let config = WalConfig { writer: WriterMode::Task { sync_delay }, ..WalConfig::default() };
+        let wal = TestWal::open(disk.clone(), config)?;
+        append_durable(&wal, 0, vec![entry(1, 1, "synced")]).await?;
+
+        let outcome = Arc::new(AtomicU8::new(0));
+        let flag = Arc::clone(&outcome);
+        wal.append(0, vec![entry(1, 2, "in-flight")], move |r| {
+            flag.store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
+        })
+        .await?;
+        tokio::time::sleep(sync_delay / 2).await;
+        assert_eq!(outcome.load(Ordering::SeqCst), 0, "acknowledged inside the sync window");
+        let crashed = TestWal::open(disk.crash(), WalConfig::default())?;
+        assert_eq!(crashed.entries(0, ..).len(), 1, "the unsynced entry must not survive");
+        crashed.shutdown().await?;
+
+        // The pre-crash writer syncs on a dead disk: its waiter fails, never acknowledged.
+        tokio::time::sleep(sync_delay).await;
+        assert_eq!(outcome.load(Ordering::SeqCst), 2);
         wal.shutdown().await?;
         Ok(())
     }

@@ -321,9 +321,12 @@ impl Cascade for CascadeService {
         lim::check_text("metadata.region", &metadata.region, lim::REGION_LEN_MAX).map_err(ApiError::from)?;
 
         // Ids and secrets are drawn here, never inside the state machine.
-        let session_id = SessionId { shard, nonce: rand::random::<u128>() };
-        let refresh =
-            r.with_refresh_token.then(|| RefreshToken { session_id, generation: 1, secret: rand::random() });
+        let session_id = SessionId { shard, nonce: self.ctx.entropy.u128() };
+        let refresh = r.with_refresh_token.then(|| RefreshToken {
+            session_id,
+            generation: 1,
+            secret: self.ctx.entropy.u128(),
+        });
         let command = Command::CreateSession(Box::new(CreateSession {
             session_id,
             user,
@@ -424,7 +427,7 @@ impl Cascade for CascadeService {
         let next = RefreshToken {
             session_id: id,
             generation: token.generation.wrapping_add(1),
-            secret: rand::random(),
+            secret: self.ctx.entropy.u128(),
         };
         let command = Command::RotateRefresh {
             session_id: id,

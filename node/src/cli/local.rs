@@ -62,7 +62,7 @@ impl LocalNode {
             ..NodeConfig::default()
         };
         let shards = config.shards;
-        let seams = Seams::production(listener, data_dir.path());
+        let seams = Seams::production(listener, data_dir.path(), node_id);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let shutdown = async move {
             // A dropped sender also means "stop".

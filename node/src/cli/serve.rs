@@ -134,7 +134,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         shards = config.shards,
         "starting"
     );
-    let seams = Seams::production(listener, &config.data_dir);
+    let seams = Seams::production(listener, &config.data_dir, config.node_id);
     cascade_node::run(config, seams, shutdown).await?;
     tracing::info!("stopped cleanly");
     Ok(crate::cli::exit::SUCCESS)

@@ -39,7 +39,7 @@ impl Member {
             tokio::net::TcpListener::bind(self.addr).await.ok()
         })
         .await;
-        let mut seams = Seams::production(listener, &self.config.data_dir);
+        let mut seams = Seams::production(listener, &self.config.data_dir, self.config.node_id);
         seams.peers = self.peers.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = self.config.clone();

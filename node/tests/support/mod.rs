@@ -186,7 +186,7 @@ impl InProcessNode {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("bound address");
         config.listen = addr;
-        let mut seams = Seams::production(listener, &config.data_dir);
+        let mut seams = Seams::production(listener, &config.data_dir, config.node_id);
         if let Some(clock) = clock {
             seams.clock = clock;
         }

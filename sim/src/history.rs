@@ -1,0 +1,135 @@
+//! What every simulated client did and saw, on the simulation's one clock, plus what the nodes
+//! reported about leadership. The checkers read only this.
+
+use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+/// Status of one checked session, as the node answered it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Seen {
+    pub session: String,
+    /// `VALID`, `REVOKED`, `UNKNOWN`, ... (the proto enum name).
+    pub status: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum OpKind {
+    Create {
+        user: String,
+        device: String,
+        parent: Option<String>,
+    },
+    Check {
+        session: String,
+    },
+    /// A parent and its children in one batch (answered by one user actor at one moment).
+    CheckFamily {
+        sessions: Vec<String>,
+    },
+    RevokeSession {
+        session: String,
+    },
+    RevokeDevice {
+        user: String,
+        device: String,
+    },
+    RevokeUser {
+        user: String,
+    },
+    /// Writes of the availability probe (one per shard and round).
+    Probe {
+        shard: u16,
+        user: String,
+    },
+}
+
+impl OpKind {
+    pub fn is_write(&self) -> bool {
+        !matches!(self, OpKind::Check { .. } | OpKind::CheckFamily { .. })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum OpResult {
+    Created {
+        session: String,
+        created_at_ms: u64,
+    },
+    Checked {
+        seen: Vec<Seen>,
+    },
+    Revoked {
+        sessions: Vec<String>,
+        at_ms: u64,
+    },
+    /// Definitely not applied (the node refused it before or instead of proposing).
+    Refused {
+        code: String,
+    },
+    /// Outcome unknown (timeout, connection lost, unavailable): a write may or may not have
+    /// been applied, so the oracle treats it as both.
+    Unknown {
+        code: String,
+    },
+}
+
+/// One client operation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Op {
+    pub client: String,
+    pub node: u64,
+    pub invoke_ms: u64,
+    pub complete_ms: u64,
+    #[serde(flatten)]
+    pub kind: OpKind,
+    #[serde(flatten)]
+    pub result: OpResult,
+}
+
+impl Op {
+    pub fn ok(&self) -> bool {
+        !matches!(self.result, OpResult::Refused { .. } | OpResult::Unknown { .. })
+    }
+}
+
+/// A node saw itself as leader of `shard` in `term`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Leadership {
+    pub at_ms: u64,
+    pub shard: u16,
+    pub term: u64,
+    pub node: u64,
+}
+
+/// What the simulator itself did (faults, heals), for the trace and for RTO.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+#[derive(Default, Serialize)]
+pub struct History {
+    pub ops: Vec<Op>,
+    pub leaders: Vec<Leadership>,
+    pub events: Vec<Event>,
+    /// After the heal: the answer of a linearizable check of every session any client saw
+    /// created, and of every user's session list (`user -> session ids`).
+    pub final_checks: BTreeMap<String, Seen>,
+    pub final_lists: BTreeMap<String, Vec<String>>,
+    /// When every shard had converged after the heal, if it did.
+    pub converged_at_ms: Option<u64>,
+}
+
+/// The history, shared by every simulated host (they all run on one thread).
+pub type Shared = Rc<RefCell<History>>;
+
+/// Simulated milliseconds since the start of the run.
+pub fn now_ms() -> u64 {
+    turmoil::sim_elapsed().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

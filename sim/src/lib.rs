@@ -1,0 +1,7 @@
+//! Deterministic simulator for Cascade (DESIGN §6): several real nodes — the same openraft
+//! groups, state machine, actors and tonic services as production — in one process on turmoil's
+//! simulated network and clock, with in-memory storage that loses unsynced writes on a crash.
+//! A run is derived from its seed, and the same seed replays it byte for byte.
+
+pub mod history;
+pub mod scenario;
