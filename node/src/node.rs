@@ -87,12 +87,15 @@ pub async fn run(
     let transport = RaftTransportServer::new(TransportServer {
         shards: host.shards.clone(),
         freshness: host.freshness.clone(),
+        votes_from: host.votes_from,
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
     let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(cascade_raft::network::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(cascade_raft::network::KEEPALIVE_TIMEOUT))
         .add_service(api)
         .add_service(transport)
         .add_service(health_service)

@@ -24,6 +24,11 @@ use std::time::Duration;
 /// preferred leader never came up.
 pub const BOOTSTRAP_GRACE: Duration = Duration::from_secs(3);
 
+/// A node that starts on empty storage grants no vote for this many maximal election timeouts:
+/// if it lost its disk, any election it voted in before is over by then, so it cannot vote
+/// twice in one term.
+pub const VOTE_QUARANTINE_TIMEOUTS: u64 = 2;
+
 /// Opens the state-machine tree of a shard.
 type TreeOpener = Box<dyn FnMut(ShardId) -> anyhow::Result<Arc<dyn KvTree>> + Send>;
 
@@ -135,6 +140,8 @@ pub struct RaftHost {
     n_shards: u16,
     /// Background tasks (freshness driver, delayed bootstrap), stopped on shutdown.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Vote requests are refused before this (storage was empty at start; see `open`).
+    pub votes_from: tokio::time::Instant,
 }
 
 impl RaftHost {
@@ -177,6 +184,15 @@ impl RaftHost {
                 let mem = mem.clone();
                 (wal, Box::new(move |shard| Ok(Arc::new(mem.tree(shard)) as Arc<dyn KvTree>)))
             }
+        };
+        // Empty storage: a new cluster, or a node that lost its disk. The latter may have voted
+        // in a term it no longer remembers; granting another vote in that term could elect two
+        // leaders. Refuse votes until every election of that era is over.
+        let votes_from = if wal.shards().is_empty() {
+            tokio::time::Instant::now()
+                + Duration::from_millis(raft_config.election_timeout_max * VOTE_QUARANTINE_TIMEOUTS)
+        } else {
+            tokio::time::Instant::now()
         };
         let shards = ShardTable::default();
         let mut readers = Vec::with_capacity(usize::from(config.n_shards));
@@ -228,6 +244,7 @@ impl RaftHost {
             wal,
             n_shards: config.n_shards,
             tasks: std::sync::Mutex::new(tasks),
+            votes_from,
         })
     }
 

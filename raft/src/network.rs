@@ -32,6 +32,12 @@ use tonic::{Request, Response, Status};
 
 /// How long to wait for a TCP connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// HTTP/2 pings on every peer connection, so a connection that silently stopped delivering
+/// (a peer lost power, a partition ate its packets) is dropped and re-established instead of
+/// timing out every RPC forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(1_000);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Largest message a peer may send us (snapshot chunks are far below this).
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
@@ -88,6 +94,9 @@ impl Peers {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|source| PeerError::Address { addr: addr.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let channel = match &self.dialer {
             Some(dial) => lazy_channel(endpoint, addr, Arc::clone(dial)),
@@ -212,6 +221,8 @@ impl ShardTable {
 pub struct TransportServer {
     pub shards: ShardTable,
     pub freshness: Arc<Freshness>,
+    /// Votes are refused before this instant (see `RaftHost::votes_from`).
+    pub votes_from: tokio::time::Instant,
 }
 
 impl TransportServer {
@@ -241,6 +252,9 @@ impl RaftTransport for TransportServer {
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        if tokio::time::Instant::now() < self.votes_from {
+            return Err(Status::unavailable("started on empty storage: not voting yet"));
+        }
         let msg = request.into_inner();
         let raft = self.shard(&msg)?;
         let req: VoteRequest<NodeId> = decode_request(&msg)?;

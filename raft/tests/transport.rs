@@ -29,6 +29,7 @@ async fn vote_round_trips_and_unknown_shard_fails() {
         .add_service(RaftTransportServer::new(TransportServer {
             shards: host.shards.clone(),
             freshness: host.freshness.clone(),
+            votes_from: host.votes_from,
         }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     let served = tokio::spawn(server);

@@ -56,9 +56,11 @@ impl OpKind {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum OpResult {
+    /// `evicted`: sessions the create pushed out under the per-user session limit.
     Created {
         session: String,
         created_at_ms: u64,
+        evicted: Vec<String>,
     },
     Checked {
         seen: Vec<Seen>,
@@ -124,6 +126,8 @@ pub struct History {
     pub final_lists: BTreeMap<String, Vec<String>>,
     /// When every shard had converged after the heal, if it did.
     pub converged_at_ms: Option<u64>,
+    /// Why the cluster had not converged at the last look.
+    pub not_converged: Option<String>,
 }
 
 /// The history, shared by every simulated host (they all run on one thread).

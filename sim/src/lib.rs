@@ -3,5 +3,12 @@
 //! simulated network and clock, with in-memory storage that loses unsynced writes on a crash.
 //! A run is derived from its seed, and the same seed replays it byte for byte.
 
+pub mod checkers;
+pub mod clients;
 pub mod history;
+pub mod net;
+pub mod report;
+pub mod rto;
+pub mod run;
 pub mod scenario;
+pub mod sweep;

@@ -1,0 +1,462 @@
+//! Simulated clients: the workload (identity providers, gateways, responders), the availability
+//! probe behind RTO, and the verifier that waits for convergence after the heal and reads the
+//! final state. Each records every operation it makes into the shared history.
+
+use crate::history::{now_ms, Op, OpKind, OpResult, Seen, Shared};
+use crate::net;
+use crate::scenario::{host_of, OpChoice, Scenario};
+use cascade_protocol::ids::shard_of_user;
+use cascade_protocol::pb::cascade_client::CascadeClient;
+use cascade_protocol::pb::{self, CheckStatus, ReasonCode};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Deadline of one client operation (partitions drop traffic silently).
+pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Operations one workload client makes at most.
+pub const OPS_PER_CLIENT_MAX: usize = 600;
+/// How often the probe writes to every shard.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Deadline of one probe attempt; a round tries the nodes in turn within `OP_TIMEOUT`.
+const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Sessions a probe user gets before the probe moves to the next one (far below the per-user
+/// session limit, so evictions never muddy the oracle).
+const PROBE_SESSIONS_PER_USER: u32 = 20;
+/// How often the verifier polls for convergence.
+const CONVERGE_POLL: Duration = Duration::from_millis(250);
+/// Tenant of every simulated user.
+pub const TENANT: &str = "t";
+const TTL_MS: u64 = 3_600_000;
+
+pub fn user_name(k: u32) -> String {
+    format!("u{k}")
+}
+
+fn device_of(rng: &mut StdRng) -> String {
+    format!("d{}", rng.gen_range(0..3))
+}
+
+/// A valid RFC 7638 thumbprint shape for a device name (43 base64url characters).
+fn jkt_of(device: &str) -> String {
+    format!("{device:A<43}").replace(|c: char| !c.is_ascii_alphanumeric(), "A")
+}
+
+fn revocation(text: &str) -> Option<pb::Revocation> {
+    Some(pb::Revocation { reason: ReasonCode::Admin as i32, text: text.to_owned(), actor: "sim".to_owned() })
+}
+
+/// Runs `call` with the deadline; a timeout is reported as DEADLINE_EXCEEDED.
+async fn timed<T, F>(timeout: Duration, call: F) -> Result<T, Status>
+where
+    F: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded("client deadline")),
+    }
+}
+
+fn request<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
+/// A failed write: refused (certainly not applied) or unknown.
+fn write_failure(status: &Status) -> OpResult {
+    let code = format!("{:?}", status.code());
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::OutOfRange => {
+            OpResult::Refused { code }
+        }
+        _ => OpResult::Unknown { code },
+    }
+}
+
+fn seen(session: &str, r: &pb::CheckSessionResponse) -> Seen {
+    Seen {
+        session: session.to_owned(),
+        status: CheckStatus::try_from(r.status)
+            .map_or_else(|_| r.status.to_string(), |s| s.as_str_name().to_owned()),
+        reason: ReasonCode::try_from(r.reason)
+            .map_or_else(|_| r.reason.to_string(), |s| s.as_str_name().to_owned()),
+    }
+}
+
+fn check_request(session: &str, linearizable: bool) -> pb::CheckSessionRequest {
+    pb::CheckSessionRequest {
+        session_id: session.to_owned(),
+        jkt: String::new(),
+        required_aal: 0,
+        linearizable,
+    }
+}
+
+/// Connections from one client to every node.
+struct Nodes {
+    ids: Vec<u64>,
+    clients: BTreeMap<u64, CascadeClient<Channel>>,
+}
+
+impl Nodes {
+    fn new(scenario: &Scenario) -> Nodes {
+        let ids: Vec<u64> = scenario.nodes.iter().map(|n| n.id).collect();
+        let clients = ids.iter().map(|&id| (id, net::client(&host_of(id)))).collect();
+        Nodes { ids, clients }
+    }
+
+    fn get(&self, id: u64) -> CascadeClient<Channel> {
+        self.clients.get(&id).cloned().unwrap_or_else(|| net::client(&host_of(id)))
+    }
+}
+
+/// A session some client saw created, for picking targets.
+#[derive(Clone)]
+struct Known {
+    id: String,
+    user: String,
+    device: String,
+}
+
+fn known_sessions(history: &Shared) -> Vec<Known> {
+    history
+        .borrow()
+        .ops
+        .iter()
+        .filter_map(|op| match (&op.kind, &op.result) {
+            (OpKind::Create { user, device, .. }, OpResult::Created { session, .. }) => {
+                Some(Known { id: session.clone(), user: user.clone(), device: device.clone() })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Children (by acknowledged creates) of `parent`.
+fn children_of(history: &Shared, parent: &str) -> Vec<String> {
+    history
+        .borrow()
+        .ops
+        .iter()
+        .filter_map(|op| match (&op.kind, &op.result) {
+            (OpKind::Create { parent: Some(p), .. }, OpResult::Created { session, .. }) if p == parent => {
+                Some(session.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// One workload client: random operations against random nodes from the end of the warm-up
+/// until the heal.
+pub async fn workload(scenario: Scenario, index: usize, history: Shared) {
+    let mut rng = StdRng::seed_from_u64(scenario.seed.wrapping_mul(31).wrapping_add(index as u64 + 1));
+    let name = format!("c{index}");
+    let nodes = Nodes::new(&scenario);
+    tokio::time::sleep(Duration::from_millis(scenario.warmup_ms)).await;
+    for _ in 0..OPS_PER_CLIENT_MAX {
+        if now_ms() >= scenario.heal_at_ms {
+            break;
+        }
+        let node = *nodes.ids.choose(&mut rng).unwrap_or(&1);
+        let client = nodes.get(node);
+        let choice = scenario.draw_op(&mut rng);
+        let known = known_sessions(&history);
+        let invoke_ms = now_ms();
+        let Some((kind, result)) = one_op(&scenario, choice, client, &known, &history, &mut rng).await else {
+            continue;
+        };
+        history.borrow_mut().ops.push(Op {
+            client: name.clone(),
+            node,
+            invoke_ms,
+            complete_ms: now_ms(),
+            kind,
+            result,
+        });
+        tokio::time::sleep(Duration::from_millis(scenario.think_ms)).await;
+    }
+}
+
+/// Performs one operation; `None` when it has no target yet (nothing created so far).
+async fn one_op(
+    scenario: &Scenario,
+    choice: OpChoice,
+    mut client: CascadeClient<Channel>,
+    known: &[Known],
+    history: &Shared,
+    rng: &mut StdRng,
+) -> Option<(OpKind, OpResult)> {
+    let target = known.choose(rng).cloned();
+    Some(match choice {
+        OpChoice::Create | OpChoice::CreateChild => {
+            let (user, device, parent) = match (choice, &target) {
+                (OpChoice::CreateChild, Some(t)) => (t.user.clone(), t.device.clone(), Some(t.id.clone())),
+                _ => (user_name(rng.gen_range(0..scenario.users)), device_of(rng), None),
+            };
+            let req = pb::CreateSessionRequest {
+                tenant: TENANT.to_owned(),
+                user_id: user.clone(),
+                client_id: "app".to_owned(),
+                device_id: device.clone(),
+                jkt: jkt_of(&device),
+                aal: 1,
+                amr: vec!["pwd".to_owned()],
+                ttl_ms: TTL_MS,
+                idle_timeout_ms: 0,
+                parent_session_id: parent.clone().unwrap_or_default(),
+                with_refresh_token: false,
+                ..Default::default()
+            };
+            let result = match timed(OP_TIMEOUT, client.create_session(request(req, OP_TIMEOUT))).await {
+                Ok(r) => created(r),
+                Err(s) => write_failure(&s),
+            };
+            (OpKind::Create { user, device, parent }, result)
+        }
+        OpChoice::Check => {
+            let session = target?.id;
+            let req = check_request(&session, false);
+            let result = match timed(OP_TIMEOUT, client.check_session(request(req, OP_TIMEOUT))).await {
+                Ok(r) => OpResult::Checked { seen: vec![seen(&session, &r)] },
+                Err(s) => OpResult::Refused { code: format!("{:?}", s.code()) },
+            };
+            (OpKind::Check { session }, result)
+        }
+        OpChoice::CheckFamily => {
+            let parent = target?.id;
+            let mut sessions = vec![parent.clone()];
+            sessions.extend(children_of(history, &parent));
+            sessions.truncate(cascade_protocol::limits::CHECK_BATCH_LEN_MAX);
+            let req = pb::CheckSessionBatchRequest {
+                checks: sessions.iter().map(|s| check_request(s, false)).collect(),
+            };
+            let result = match timed(OP_TIMEOUT, client.check_session_batch(request(req, OP_TIMEOUT))).await {
+                Ok(r) => OpResult::Checked {
+                    seen: sessions.iter().zip(&r.results).map(|(s, r)| seen(s, r)).collect(),
+                },
+                Err(s) => OpResult::Refused { code: format!("{:?}", s.code()) },
+            };
+            (OpKind::CheckFamily { sessions }, result)
+        }
+        OpChoice::RevokeSession => {
+            let session = target?.id;
+            let req = pb::RevokeSessionRequest {
+                session_id: session.clone(),
+                revocation: revocation("sim session"),
+            };
+            let result = revoked(timed(OP_TIMEOUT, client.revoke_session(request(req, OP_TIMEOUT))).await);
+            (OpKind::RevokeSession { session }, result)
+        }
+        OpChoice::RevokeDevice => {
+            let t = target?;
+            let req = pb::RevokeDeviceRequest {
+                tenant: TENANT.to_owned(),
+                user_id: t.user.clone(),
+                device_id: t.device.clone(),
+                revocation: revocation("sim device"),
+            };
+            let result = revoked(timed(OP_TIMEOUT, client.revoke_device(request(req, OP_TIMEOUT))).await);
+            (OpKind::RevokeDevice { user: t.user, device: t.device }, result)
+        }
+        OpChoice::RevokeUser => {
+            let user = target?.user;
+            let req = pb::RevokeUserRequest {
+                tenant: TENANT.to_owned(),
+                user_id: user.clone(),
+                revocation: revocation("sim user"),
+            };
+            let result = revoked(timed(OP_TIMEOUT, client.revoke_user(request(req, OP_TIMEOUT))).await);
+            (OpKind::RevokeUser { user }, result)
+        }
+    })
+}
+
+fn created(r: pb::CreateSessionResponse) -> OpResult {
+    OpResult::Created {
+        session: r.session_id,
+        created_at_ms: r.created_at_ms,
+        evicted: r.evicted_session_ids,
+    }
+}
+
+fn revoked(r: Result<pb::RevokeResponse, Status>) -> OpResult {
+    match r {
+        Ok(r) => OpResult::Revoked { sessions: r.revoked_session_ids, at_ms: r.revoked_at_ms },
+        Err(s) => write_failure(&s),
+    }
+}
+
+/// The probe user for `shard`, round `k`: the first name of the form `p{k}-{i}` that hashes to it.
+pub fn probe_user(shard: u16, n_shards: u16, k: u32) -> String {
+    (0u32..)
+        .map(|i| format!("p{k}-{i}"))
+        .find(|u| shard_of_user(TENANT, u, n_shards) == shard)
+        .unwrap_or_default()
+}
+
+/// Writes a session to every shard every `PROBE_INTERVAL`, like a client SDK would: trying the
+/// nodes in turn until one accepts, within `OP_TIMEOUT`. Every attempt is recorded (a timed-out
+/// attempt is an unknown write like any other).
+pub async fn probe(scenario: Scenario, history: Shared) {
+    let nodes = Nodes::new(&scenario);
+    let mut rng = StdRng::seed_from_u64(scenario.seed ^ 0x9e37_79b9_7f4a_7c15);
+    tokio::time::sleep(Duration::from_millis(scenario.warmup_ms)).await;
+    let mut round: u32 = 0;
+    while now_ms() < scenario.heal_at_ms {
+        let started = tokio::time::Instant::now();
+        for shard in 0..scenario.shards {
+            let user = probe_user(shard, scenario.shards, round / PROBE_SESSIONS_PER_USER);
+            let mut order = nodes.ids.clone();
+            order.shuffle(&mut rng);
+            let deadline = started + OP_TIMEOUT;
+            for node in order {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let timeout = left.min(PROBE_ATTEMPT_TIMEOUT);
+                let req = pb::CreateSessionRequest {
+                    tenant: TENANT.to_owned(),
+                    user_id: user.clone(),
+                    client_id: "probe".to_owned(),
+                    aal: 1,
+                    ttl_ms: TTL_MS,
+                    ..Default::default()
+                };
+                let invoke_ms = now_ms();
+                let result = match timed(timeout, nodes.get(node).create_session(request(req, timeout))).await
+                {
+                    Ok(r) => created(r),
+                    Err(s) => write_failure(&s),
+                };
+                let ok = matches!(result, OpResult::Created { .. });
+                history.borrow_mut().ops.push(Op {
+                    client: "probe".to_owned(),
+                    node,
+                    invoke_ms,
+                    complete_ms: now_ms(),
+                    kind: OpKind::Probe { shard, user: user.clone() },
+                    result,
+                });
+                if ok {
+                    break;
+                }
+            }
+        }
+        round += 1;
+        tokio::time::sleep_until(started + PROBE_INTERVAL).await;
+    }
+}
+
+/// After the heal: waits until every shard has one leader that all nodes agree on and every
+/// voter has applied its log, then reads the final state of everything any client saw created.
+pub async fn verifier(scenario: Scenario, history: Shared) {
+    let nodes = Nodes::new(&scenario);
+    tokio::time::sleep(Duration::from_millis(scenario.heal_at_ms)).await;
+    let limit = scenario.heal_at_ms + scenario.converge_limit_ms;
+    while now_ms() < limit {
+        match converged(&scenario, &nodes).await {
+            Ok(()) => {
+                history.borrow_mut().converged_at_ms = Some(now_ms());
+                break;
+            }
+            Err(why) => history.borrow_mut().not_converged = Some(why),
+        }
+        tokio::time::sleep(CONVERGE_POLL).await;
+    }
+    if history.borrow().converged_at_ms.is_none() {
+        return;
+    }
+    final_reads(&scenario, &nodes, &history).await;
+}
+
+/// `Err` says what is not converged yet.
+async fn converged(scenario: &Scenario, nodes: &Nodes) -> Result<(), String> {
+    let mut statuses = BTreeMap::new();
+    for &id in &nodes.ids {
+        let status =
+            timed(OP_TIMEOUT, nodes.get(id).node_status(request(pb::NodeStatusRequest {}, OP_TIMEOUT)))
+                .await
+                .map_err(|e| format!("n{id} status: {:?} {}", e.code(), e.message()))?;
+        statuses.insert(id, status);
+    }
+    for shard in 0..u32::from(scenario.shards) {
+        let shard_of = |id: u64| statuses.get(&id).and_then(|s| s.shards.iter().find(|x| x.shard == shard));
+        // The leader as its own replica sees it; nodes without a replica know no leader.
+        let at_leader = nodes
+            .ids
+            .iter()
+            .filter_map(|&id| {
+                shard_of(id).filter(|s| s.role.eq_ignore_ascii_case("leader") && s.leader == id)
+            })
+            .max_by_key(|s| s.term)
+            .ok_or_else(|| format!("shard {shard}: no leader"))?;
+        let leader = at_leader.leader;
+        if !at_leader.fresh {
+            return Err(format!("shard {shard}: leader n{leader} cannot prove freshness"));
+        }
+        if at_leader.applied_index != at_leader.last_log_index {
+            return Err(format!(
+                "shard {shard}: leader n{leader} applied {} of {}",
+                at_leader.applied_index, at_leader.last_log_index
+            ));
+        }
+        // Every voter follows it and has applied everything it has.
+        for v in &at_leader.voters {
+            let s = shard_of(*v).ok_or_else(|| format!("shard {shard}: voter n{v} has no status"))?;
+            if s.leader != leader || s.applied_index != at_leader.applied_index {
+                return Err(format!(
+                    "shard {shard}: voter n{v} follows n{} at applied {}, leader n{leader} (term {}) at {}",
+                    s.leader, s.applied_index, at_leader.term, at_leader.applied_index
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
+    let (sessions, users) = {
+        let h = history.borrow();
+        let mut sessions = Vec::new();
+        let mut users: Vec<String> = (0..scenario.users).map(user_name).collect();
+        for op in &h.ops {
+            if let OpResult::Created { session, .. } = &op.result {
+                sessions.push(session.clone());
+            }
+            if let OpKind::Probe { user, .. } = &op.kind {
+                users.push(user.clone());
+            }
+        }
+        users.sort();
+        users.dedup();
+        (sessions, users)
+    };
+    for session in sessions {
+        for &id in &nodes.ids {
+            let req = check_request(&session, true);
+            if let Ok(r) = timed(OP_TIMEOUT, nodes.get(id).check_session(request(req, OP_TIMEOUT))).await {
+                history.borrow_mut().final_checks.insert(session.clone(), seen(&session, &r));
+                break;
+            }
+        }
+    }
+    for user in users {
+        for &id in &nodes.ids {
+            let req = pb::ListUserSessionsRequest { tenant: TENANT.to_owned(), user_id: user.clone() };
+            if let Ok(r) = timed(OP_TIMEOUT, nodes.get(id).list_user_sessions(request(req, OP_TIMEOUT))).await
+            {
+                let ids = r.sessions.into_iter().map(|s| s.session_id).collect();
+                history.borrow_mut().final_lists.insert(user.clone(), ids);
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! RTO in virtual time, per fault: from the fault's start to the first moment after which the
+//! probe's writes succeed on every shard for a sustained window.
+
+use crate::history::{History, OpKind, OpResult};
+use crate::scenario::Scenario;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Success must hold this long (on every shard) to count as recovered.
+pub const SUSTAINED_MS: u64 = 1_000;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultRto {
+    pub fault: usize,
+    pub kind: &'static str,
+    pub at_ms: u64,
+    pub duration_ms: u64,
+    /// `None`: not recovered before the next fault (or the heal).
+    pub rto_ms: Option<u64>,
+    /// Probe writes that failed between the fault and recovery.
+    pub failed_probes: usize,
+}
+
+pub fn per_fault(scenario: &Scenario, history: &History) -> Vec<FaultRto> {
+    // Probe rounds: (shard) -> [(invoke_ms of the round's first attempt, succeeded)].
+    let mut rounds: BTreeMap<u16, Vec<(u64, bool)>> = BTreeMap::new();
+    let mut last: BTreeMap<u16, u64> = BTreeMap::new();
+    for op in &history.ops {
+        let OpKind::Probe { shard, .. } = op.kind else { continue };
+        let ok = matches!(op.result, OpResult::Created { .. });
+        let list = rounds.entry(shard).or_default();
+        // Attempts of one round follow each other within a second; a new round starts later.
+        let same_round =
+            last.get(&shard).is_some_and(|&t| op.invoke_ms < t + 1_000) && list.last().is_some_and(|r| !r.1);
+        if same_round {
+            if let Some(r) = list.last_mut() {
+                r.1 |= ok;
+            }
+        } else {
+            list.push((op.invoke_ms, ok));
+            last.insert(shard, op.invoke_ms);
+        }
+    }
+    let faults = &scenario.faults;
+    faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let end = faults.get(i + 1).map_or(scenario.heal_at_ms, |n| n.at_ms);
+            let mut recovered_at = Some(f.at_ms);
+            let mut failed = 0;
+            for list in rounds.values() {
+                let window: Vec<&(u64, bool)> =
+                    list.iter().filter(|(t, _)| *t >= f.at_ms && *t < end).collect();
+                failed += window.iter().filter(|(_, ok)| !ok).count();
+                // No failure: unaffected. Otherwise the first success after the last failure, if
+                // the success lasts (or lasts until the window ends).
+                let shard_recovered = match window.iter().rposition(|(_, ok)| !ok) {
+                    None => Some(f.at_ms),
+                    Some(p) => window.get(p + 1).map(|(t, _)| *t).filter(|&t| {
+                        let last_t = window.last().map_or(t, |(lt, _)| *lt);
+                        last_t >= t + SUSTAINED_MS.min(end.saturating_sub(t + 250))
+                    }),
+                };
+                recovered_at = match (recovered_at, shard_recovered) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            FaultRto {
+                fault: i,
+                kind: f.kind.name(),
+                at_ms: f.at_ms,
+                duration_ms: f.duration_ms,
+                rto_ms: recovered_at.map(|t| t.saturating_sub(f.at_ms)),
+                failed_probes: failed,
+            }
+        })
+        .collect()
+}
