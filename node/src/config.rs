@@ -25,6 +25,11 @@ pub struct NodeConfig {
     pub region: String,
     /// Log entries after which a shard snapshots and purges its log.
     pub snapshot_every_n_logs: u64,
+    /// Raft heartbeat period. Also the deadline of every replication round, so it must exceed
+    /// the worst round trip between a shard's replicas (across regions: raise it).
+    pub raft_heartbeat_ms: u64,
+    /// Shortest election timeout (the longest is twice it); at least 3 heartbeats.
+    pub raft_election_timeout_ms: u64,
     /// Per-user limits and retention; must be the same on every node of a cluster.
     pub limits: LimitsConfig,
     /// Live user actors per shard; the least recently used one is passivated beyond it.
@@ -157,6 +162,8 @@ impl Default for NodeConfig {
             shards: 64,
             region: "local".to_owned(),
             snapshot_every_n_logs: 5_000,
+            raft_heartbeat_ms: cascade_raft::host::HEARTBEAT_MS_DEFAULT,
+            raft_election_timeout_ms: cascade_raft::host::ELECTION_TIMEOUT_MIN_MS_DEFAULT,
             limits: LimitsConfig::default(),
             user_actors_per_shard_max: 4_096,
             user_idle_ms: 60_000,
@@ -183,6 +190,18 @@ impl NodeConfig {
         anyhow::ensure!(self.node_id != 0, "node_id must not be 0");
         anyhow::ensure!(self.shards > 0, "shards must be at least 1");
         anyhow::ensure!(self.snapshot_every_n_logs > 0, "snapshot_every_n_logs must be at least 1");
+        anyhow::ensure!(
+            (10..=10_000).contains(&self.raft_heartbeat_ms),
+            "raft_heartbeat_ms must be between 10 and 10000, got {}",
+            self.raft_heartbeat_ms
+        );
+        anyhow::ensure!(
+            self.raft_election_timeout_ms >= 3 * self.raft_heartbeat_ms
+                && self.raft_election_timeout_ms <= 60_000,
+            "raft_election_timeout_ms must be at least 3 × raft_heartbeat_ms ({}) and at most 60000, got {}",
+            3 * self.raft_heartbeat_ms,
+            self.raft_election_timeout_ms
+        );
         anyhow::ensure!(self.user_actors_per_shard_max > 0, "user_actors_per_shard_max must be at least 1");
         anyhow::ensure!(self.shard_inflight_max > 0, "shard_inflight_max must be at least 1");
         anyhow::ensure!(self.purge_interval_ms > 0, "purge_interval_ms must be at least 1");

@@ -45,6 +45,8 @@ pub async fn run(
         n_shards: config.shards,
         limits,
         snapshot_every_n_logs: config.snapshot_every_n_logs,
+        heartbeat_ms: config.raft_heartbeat_ms,
+        election_timeout_min_ms: config.raft_election_timeout_ms,
     };
     let host = Arc::new(RaftHost::open(host_config, seams.storage, seams.peers, Some(observer)).await?);
     if let Some(on_host) = seams.on_host {

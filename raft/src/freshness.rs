@@ -137,17 +137,25 @@ impl Freshness {
 
 /// Obtain proofs every `interval` until the task is dropped: as leader, by a quorum-acknowledged
 /// heartbeat round per led shard; as follower, by one read-index request per leader node for all
-/// the shards it leads. Every wait is bounded by `interval`, so a partition never stalls a tick.
-pub async fn drive(shards: ShardTable, peers: Peers, freshness: Arc<Freshness>, interval: Duration) {
+/// the shards it leads. Every wait is bounded by `round_timeout` (the bound: an older proof is
+/// worthless), so a partition delays ticks but never stalls them; a round may take longer than
+/// a tick when replicas are a long round trip apart.
+pub async fn drive(
+    shards: ShardTable,
+    peers: Peers,
+    freshness: Arc<Freshness>,
+    interval: Duration,
+    round_timeout: Duration,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        tick(&shards, &peers, &freshness, interval).await;
+        tick(&shards, &peers, &freshness, round_timeout).await;
     }
 }
 
-async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, interval: Duration) {
+async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, round_timeout: Duration) {
     let mut led = Vec::new();
     let mut followed: BTreeMap<String, Vec<ShardId>> = BTreeMap::new();
     for (shard, raft) in shards.all() {
@@ -169,7 +177,9 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, in
         let freshness = freshness.clone();
         async move {
             let at_ms = freshness.now_ms();
-            if let Ok(Ok((read, _applied))) = tokio::time::timeout(interval, raft.get_read_log_id()).await {
+            if let Ok(Ok((read, _applied))) =
+                tokio::time::timeout(round_timeout, raft.get_read_log_id()).await
+            {
                 let read_index = read.map_or(0, |l| l.index);
                 freshness.record_leader(shard, Proof { at_ms, read_index });
             }
@@ -183,7 +193,7 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, in
             let mut request = tonic::Request::new(ReadIndexRequest {
                 shards: shards.iter().map(|s| u32::from(*s)).collect(),
             });
-            request.set_timeout(interval);
+            request.set_timeout(round_timeout);
             let Ok(reply) = RaftTransportClient::new(channel).read_index(request).await else { return };
             for p in reply.into_inner().proofs.into_iter().filter(|p| p.ok) {
                 let Ok(shard) = ShardId::try_from(p.shard) else { continue };

@@ -85,7 +85,17 @@ pub struct HostConfig {
     pub limits: Limits,
     /// Log entries after which a shard takes a snapshot and purges its log.
     pub snapshot_every_n_logs: u64,
+    /// Leader heartbeat period, which is also openraft's deadline for every append-entries
+    /// and leadership-confirmation round: it must exceed the worst round trip between replicas.
+    pub heartbeat_ms: u64,
+    /// Followers start an election after a random timeout in `[min, 2 × min)`.
+    pub election_timeout_min_ms: u64,
 }
+
+/// Heartbeat period for replicas on one site or close regions.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 100;
+/// Shortest election timeout by default (3 heartbeats).
+pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 300;
 
 impl HostConfig {
     /// A node that is a cluster of its own (every shard has one replica, on it).
@@ -106,15 +116,17 @@ impl HostConfig {
             n_shards,
             limits,
             snapshot_every_n_logs,
+            heartbeat_ms: HEARTBEAT_MS_DEFAULT,
+            election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS_DEFAULT,
         }
     }
 
     fn raft_config(&self) -> anyhow::Result<Arc<openraft::Config>> {
         let config = openraft::Config {
             cluster_name: "cascade".to_owned(),
-            heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_min_ms * 2,
             install_snapshot_timeout: 2_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_n_logs),
             // Keep a tail behind each snapshot so a briefly lagging follower catches up from
@@ -233,7 +245,14 @@ impl RaftHost {
         }
         // A tick of a fifth of the bound keeps answers well inside it (see freshness.rs).
         let tick = Duration::from_millis((config.revocation_bound_ms / 5).max(10));
-        tasks.push(tokio::spawn(freshness::drive(shards.clone(), peers.clone(), freshness.clone(), tick)));
+        let round_timeout = Duration::from_millis(config.revocation_bound_ms);
+        tasks.push(tokio::spawn(freshness::drive(
+            shards.clone(),
+            peers.clone(),
+            freshness.clone(),
+            tick,
+            round_timeout,
+        )));
         Ok(RaftHost {
             node_id: config.node_id,
             node: config.node,

@@ -359,7 +359,8 @@ pub async fn probe(scenario: Scenario, history: Shared) {
 /// voter has applied its log, then reads the final state of everything any client saw created.
 pub async fn verifier(scenario: Scenario, history: Shared) {
     let nodes = Nodes::new(&scenario);
-    tokio::time::sleep(Duration::from_millis(scenario.heal_at_ms)).await;
+    // Operations started before the heal finish within their deadline; let them land first.
+    tokio::time::sleep(Duration::from_millis(scenario.heal_at_ms) + 2 * OP_TIMEOUT).await;
     let limit = scenario.heal_at_ms + scenario.converge_limit_ms;
     while now_ms() < limit {
         match converged(&scenario, &nodes).await {
@@ -400,7 +401,22 @@ async fn converged(scenario: &Scenario, nodes: &Nodes) -> Result<(), String> {
             .ok_or_else(|| format!("shard {shard}: no leader"))?;
         let leader = at_leader.leader;
         if !at_leader.fresh {
-            return Err(format!("shard {shard}: leader n{leader} cannot prove freshness"));
+            let views: Vec<String> = nodes
+                .ids
+                .iter()
+                .filter_map(|&id| {
+                    shard_of(id).map(|s| {
+                        format!(
+                            "n{id}:{}/t{}/l{}/a{}/fresh={}",
+                            s.role, s.term, s.leader, s.applied_index, s.fresh
+                        )
+                    })
+                })
+                .collect();
+            return Err(format!(
+                "shard {shard}: leader n{leader} cannot prove freshness [{}]",
+                views.join(" ")
+            ));
         }
         if at_leader.applied_index != at_leader.last_log_index {
             return Err(format!(
@@ -440,12 +456,20 @@ async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
         (sessions, users)
     };
     for session in sessions {
+        let mut errors = Vec::new();
         for &id in &nodes.ids {
             let req = check_request(&session, true);
-            if let Ok(r) = timed(OP_TIMEOUT, nodes.get(id).check_session(request(req, OP_TIMEOUT))).await {
-                history.borrow_mut().final_checks.insert(session.clone(), seen(&session, &r));
-                break;
+            match timed(OP_TIMEOUT, nodes.get(id).check_session(request(req, OP_TIMEOUT))).await {
+                Ok(r) => {
+                    history.borrow_mut().final_checks.insert(session.clone(), seen(&session, &r));
+                    errors.clear();
+                    break;
+                }
+                Err(e) => errors.push(format!("n{id}: {:?} {}", e.code(), e.message())),
             }
+        }
+        if !errors.is_empty() {
+            history.borrow_mut().final_read_errors.push(format!("{session}: {}", errors.join("; ")));
         }
     }
     for user in users {

@@ -128,6 +128,8 @@ pub struct History {
     pub converged_at_ms: Option<u64>,
     /// Why the cluster had not converged at the last look.
     pub not_converged: Option<String>,
+    /// Final reads that no node answered, with each node's error.
+    pub final_read_errors: Vec<String>,
 }
 
 /// The history, shared by every simulated host (they all run on one thread).

@@ -90,6 +90,8 @@ fn node_config(scenario: &Scenario, spec: &NodeSpec) -> NodeConfig {
         shards: scenario.shards,
         region: spec.region.clone(),
         snapshot_every_n_logs: scenario.snapshot_every_n_logs,
+        raft_heartbeat_ms: scenario.heartbeat_ms(),
+        raft_election_timeout_ms: 3 * scenario.heartbeat_ms(),
         revocation_bound_ms: REVOCATION_BOUND_MS,
         stale_reads: StaleReads::Forward,
         ..NodeConfig::default()

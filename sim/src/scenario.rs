@@ -214,6 +214,14 @@ impl Scenario {
         }
     }
 
+    /// The Raft heartbeat for this network: openraft uses it as the deadline of every
+    /// replication round, so it must exceed the worst round trip between replicas (plus a
+    /// log sync).
+    pub fn heartbeat_ms(&self) -> u64 {
+        let worst_one_way = self.latency_ms.values().copied().max().unwrap_or(0).max(self.intra_region_ms);
+        (2 * worst_one_way + self.sync_delay_ms + 30).max(100)
+    }
+
     pub fn node(&self, id: u64) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.id == id)
     }

@@ -29,7 +29,11 @@ pub fn check(scenario: &Scenario, history: &History) -> Vec<Violation> {
                 .filter(|s| !history.final_checks.contains_key(*s))
                 .count();
             if missing > 0 {
-                vec![Violation::new(NAME, format!("{missing} final reads failed after convergence"))]
+                let first = history.final_read_errors.first().map_or("", String::as_str);
+                vec![Violation::new(
+                    NAME,
+                    format!("{missing} final reads failed after convergence, e.g. {first}"),
+                )]
             } else {
                 Vec::new()
             }
