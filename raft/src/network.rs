@@ -258,7 +258,15 @@ impl RaftTransport for TransportServer {
         let msg = request.into_inner();
         let raft = self.shard(&msg)?;
         let req: VoteRequest<NodeId> = decode_request(&msg)?;
-        reply(msg.shard, &raft.vote(req).await)
+        let requested = req.vote.to_string();
+        let resp = raft.vote(req).await;
+        tracing::debug!(
+            shard = msg.shard,
+            requested,
+            granted = ?resp.as_ref().map(|r| (r.vote_granted, r.vote.to_string())),
+            "vote"
+        );
+        reply(msg.shard, &resp)
     }
 
     async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -439,7 +439,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let data = std::mem::replace(&mut self.body, Ok(Vec::new()))?;
         let snapshot_id = match self.applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".to_owned(),
         };
         let meta =

@@ -30,6 +30,8 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
 const PROBE_SESSIONS_PER_USER: u32 = 20;
 /// How often the verifier polls for convergence.
 const CONVERGE_POLL: Duration = Duration::from_millis(250);
+/// How many recently revoked sessions the workload keeps checking.
+const RECENT_REVOKED_MAX: usize = 16;
 /// Tenant of every simulated user.
 pub const TENANT: &str = "t";
 const TTL_MS: u64 = 3_600_000;
@@ -122,6 +124,22 @@ struct Known {
     id: String,
     user: String,
     device: String,
+}
+
+/// Sessions named by the latest acknowledged revocations (gateways keep seeing the tokens of
+/// sessions that were just revoked: exactly where P2 matters).
+fn recently_revoked(history: &Shared) -> Vec<String> {
+    let h = history.borrow();
+    let mut out = Vec::new();
+    for op in h.ops.iter().rev() {
+        if let OpResult::Revoked { sessions, .. } = &op.result {
+            out.extend(sessions.iter().cloned());
+            if out.len() >= RECENT_REVOKED_MAX {
+                break;
+            }
+        }
+    }
+    out
 }
 
 fn known_sessions(history: &Shared) -> Vec<Known> {
@@ -221,7 +239,11 @@ async fn one_op(
             (OpKind::Create { user, device, parent }, result)
         }
         OpChoice::Check => {
-            let session = target?.id;
+            let recent = recently_revoked(history);
+            let session = match recent.choose(rng) {
+                Some(s) if rng.gen_bool(0.5) => s.clone(),
+                _ => target?.id,
+            };
             let req = check_request(&session, false);
             let result = match timed(OP_TIMEOUT, client.check_session(request(req, OP_TIMEOUT))).await {
                 Ok(r) => OpResult::Checked { seen: vec![seen(&session, &r)] },

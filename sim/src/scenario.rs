@@ -192,10 +192,10 @@ impl Scenario {
             replicas,
             latency_ms,
             intra_region_ms,
-            sync_delay_ms: rng.gen_range(1..=5),
+            sync_delay_ms: rng.gen_range(2..=30),
             snapshot_every_n_logs: *[50, 200, 5_000].choose(&mut rng).unwrap_or(&5_000),
-            clients: rng.gen_range(2..=4),
-            think_ms: rng.gen_range(5..=40),
+            clients: rng.gen_range(2..=6),
+            think_ms: rng.gen_range(1..=30),
             users: rng.gen_range(4..=16),
             mix: Mix {
                 create: rng.gen_range(10..=30),
