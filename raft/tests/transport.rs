@@ -37,6 +37,8 @@ async fn vote_round_trips_and_unknown_shard_fails() {
     let peers = Peers::default();
     let node = CascadeNode { addr: addr.clone(), region: "local".to_owned() };
     let option = RPCOption::new(Duration::from_secs(2));
+    // The host started on empty storage: it grants no vote until its quarantine is over.
+    tokio::time::sleep_until(host.votes_from).await;
     // A stale candidate (term 0) is refused, and the answer carries the shard's current vote.
     let mut shard0 = NetworkFactory { shard: 0, peers: peers.clone() }.new_client(1, &node).await;
     let resp = shard0.vote(VoteRequest::new(Vote::new(0, 7), None), option.clone()).await.expect("vote rpc");
