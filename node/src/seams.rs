@@ -58,13 +58,7 @@ impl Listener {
     pub fn into_stream(self) -> BoxStream<'static, std::io::Result<Conn>> {
         match self {
             Listener::Tcp(l) => tokio_stream::wrappers::TcpListenerStream::new(l)
-                .map(|accepted| {
-                    accepted.map(|stream| {
-                        // Requests are small and latency-bound.
-                        let _ = stream.set_nodelay(true);
-                        Conn::new(stream)
-                    })
-                })
+                .map(|accepted| accepted.map(Conn::new))
                 .boxed(),
             Listener::Incoming(s) => s,
         }

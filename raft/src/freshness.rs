@@ -137,9 +137,9 @@ impl Freshness {
 
 /// Obtain proofs every `interval` until the task is dropped: as leader, by a quorum-acknowledged
 /// heartbeat round per led shard; as follower, by one read-index request per leader node for all
-/// the shards it leads. Every wait is bounded by `round_timeout` (the bound: an older proof is
-/// worthless), so a partition delays ticks but never stalls them; a round may take longer than
-/// a tick when replicas are a long round trip apart.
+/// the shards it leads. Every wait is bounded by `round_timeout` (the host uses the Raft heartbeat),
+/// so a partition delays ticks but never stalls them; a round may take longer than a tick when
+/// replicas are a long round trip apart.
 pub async fn drive(
     shards: ShardTable,
     peers: Peers,

@@ -245,7 +245,9 @@ impl RaftHost {
         }
         // A tick of a fifth of the bound keeps answers well inside it (see freshness.rs).
         let tick = Duration::from_millis((config.revocation_bound_ms / 5).max(10));
-        let round_timeout = Duration::from_millis(config.revocation_bound_ms);
+        // A round is openraft's own heartbeat round, which gives up after `heartbeat_ms`; waiting
+        // longer is useless, and a slow round holds up the next tick for every shard.
+        let round_timeout = Duration::from_millis(config.heartbeat_ms).max(tick);
         tasks.push(tokio::spawn(freshness::drive(
             shards.clone(),
             peers.clone(),
