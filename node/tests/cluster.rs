@@ -56,6 +56,9 @@ async fn every_write_kind_replicates_and_any_node_serves() {
         create(&mut clients[2].clone(), bound(create_req(tenant, "alice", "app"), "phone", &jkt("k2"))).await;
     let bob = create(&mut a, create_req(tenant, "bob", "web")).await;
     let carol = create(&mut a, create_req(tenant, "carol", "web")).await;
+    // A local replica may answer from state up to the bound old (P2): a write is promised on every
+    // node once the bound has passed since its acknowledgement, not before.
+    tokio::time::sleep(BOUND).await;
 
     // Every node answers every session, locally once fresh.
     for (i, c) in clients.iter().enumerate() {
@@ -144,6 +147,8 @@ async fn every_write_kind_replicates_and_any_node_serves() {
         .expect("tenant watermark")
         .into_inner();
     assert_eq!(wm.shards, u32::from(N_SHARDS));
+    // P2: every check that starts after the last acknowledgement + the bound sees every revocation.
+    tokio::time::sleep(BOUND).await;
     for (i, c) in clients.iter().enumerate() {
         for id in [&root.session_id, &child.session_id, &phone.session_id, &bob.session_id, &carol.session_id]
         {
