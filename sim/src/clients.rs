@@ -2,9 +2,10 @@
 //! probe behind RTO, and the verifier that waits for convergence after the heal and reads the
 //! final state. Each records every operation it makes into the shared history.
 
-use crate::history::{now_ms, Op, OpKind, OpResult, Seen, Shared};
+use crate::history::{Op, OpKind, OpResult, Seen};
 use crate::net;
 use crate::scenario::{host_of, OpChoice, Scenario};
+use crate::shared::{now_ms, Shared};
 use cascade_protocol::ids::shard_of_user;
 use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::pb::{self, CheckStatus, ReasonCode};

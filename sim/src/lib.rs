@@ -4,12 +4,12 @@
 //! A run is derived from its seed. Most seeds replay byte for byte; some do not yet (see
 //! ARCHITECTURE.md, "Not yet").
 
-pub mod checkers;
 pub mod clients;
-pub mod history;
 pub mod net;
 pub mod report;
-pub mod rto;
 pub mod run;
 pub mod scenario;
+pub mod shared;
 pub mod sweep;
+
+pub use cascade_check::{checkers, history, rto};

@@ -3,10 +3,11 @@
 
 use crate::checkers::{self, Violation};
 use crate::clients;
-use crate::history::{self, Event, History, Leadership};
+use crate::history::{Event, History, Leadership};
 use crate::net;
 use crate::rto::{self, FaultRto};
 use crate::scenario::{host_of, FaultKind, NodeSpec, Scenario, REVOCATION_BOUND_MS};
+use crate::shared;
 use cascade_core::planted::{self, Bug};
 use cascade_node::config::{ClusterNode, NodeConfig, StaleReads};
 use cascade_node::seams::{Clock, Entropy, Seams};
@@ -60,7 +61,7 @@ struct SimClock {
 
 impl Clock for SimClock {
     fn now_ms(&self) -> u64 {
-        let t = EPOCH_MS + history::now_ms();
+        let t = EPOCH_MS + shared::now_ms();
         t.saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
     }
 }
@@ -121,7 +122,7 @@ fn watch_leadership(host: Arc<RaftHost>, node: u64, leaders: Arc<Mutex<Vec<Leade
                 if let Some(term) = seen.filter(|t| last_term != Some(*t)) {
                     last_term = Some(term);
                     leaders.lock().unwrap_or_else(|p| p.into_inner()).push(Leadership {
-                        at_ms: history::now_ms(),
+                        at_ms: shared::now_ms(),
                         shard,
                         term,
                         node,
@@ -300,7 +301,7 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
         .max_message_latency(Duration::from_millis(3))
         .tcp_capacity(4096)
         .build();
-    let history: history::Shared = Rc::default();
+    let history: shared::Shared = Rc::default();
     let leaders: Arc<Mutex<Vec<Leadership>>> = Arc::default();
     let sync_delay = Duration::from_millis(scenario.sync_delay_ms);
     let slots: BTreeMap<u64, NodeSlot> = scenario
@@ -381,12 +382,26 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
     let mut history =
         Rc::try_unwrap(history).map_err(|_| anyhow::anyhow!("history still shared"))?.into_inner();
     history.leaders = leaders.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut violations = checkers::check_all(&scenario, &history);
+    let limits = checkers::RunLimits {
+        revocation_bound_ms: crate::scenario::REVOCATION_BOUND_MS,
+        heal_at_ms: scenario.heal_at_ms,
+        converge_limit_ms: scenario.converge_limit_ms,
+    };
+    let mut violations = checkers::check_all(limits, &history);
     if let Some(e) = node_failure {
         violations.insert(0, Violation::new("liveness", format!("the simulation stopped: {e}")));
     }
     let rpo_lost = violations.iter().filter(|v| v.checker == checkers::p1_durability::NAME).count();
-    let rto = rto::per_fault(&scenario, &history);
+    let windows: Vec<rto::FaultWindow> = scenario
+        .faults
+        .iter()
+        .map(|f| rto::FaultWindow {
+            kind: f.kind.name().to_owned(),
+            at_ms: f.at_ms,
+            duration_ms: f.duration_ms,
+        })
+        .collect();
+    let rto = rto::per_fault(&windows, scenario.heal_at_ms, &history);
     let trace_hash = trace_hash(&scenario, &history);
     Ok(Outcome { scenario, history, violations, rto, trace_hash, rpo_lost, sim_ms })
 }

@@ -1,18 +1,26 @@
-//! RTO in virtual time, per fault: from the fault's start to the first moment after which the
-//! probe's writes succeed on every shard for a sustained window.
+//! RTO per fault: from the fault's start to the first moment after which the probe's writes
+//! succeed on every shard for a sustained window (on the history's clock: virtual time in the
+//! simulator, real time in the chaos harness).
 
 use crate::history::{History, OpKind, OpResult};
-use crate::scenario::Scenario;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Success must hold this long (on every shard) to count as recovered.
 pub const SUSTAINED_MS: u64 = 1_000;
 
-#[derive(Clone, Debug, Serialize)]
+/// One injected fault: what and when (ms on the history's clock).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FaultWindow {
+    pub kind: String,
+    pub at_ms: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FaultRto {
     pub fault: usize,
-    pub kind: &'static str,
+    pub kind: String,
     pub at_ms: u64,
     pub duration_ms: u64,
     /// `None`: not recovered before the next fault (or the heal).
@@ -21,7 +29,9 @@ pub struct FaultRto {
     pub failed_probes: usize,
 }
 
-pub fn per_fault(scenario: &Scenario, history: &History) -> Vec<FaultRto> {
+/// RTO of each of `faults` (in time order); a fault's window ends at the next fault's start, the
+/// last one's at `heal_at_ms`.
+pub fn per_fault(faults: &[FaultWindow], heal_at_ms: u64, history: &History) -> Vec<FaultRto> {
     // Probe rounds: (shard) -> [(invoke_ms of the round's first attempt, succeeded)].
     let mut rounds: BTreeMap<u16, Vec<(u64, bool)>> = BTreeMap::new();
     let mut last: BTreeMap<u16, u64> = BTreeMap::new();
@@ -41,12 +51,11 @@ pub fn per_fault(scenario: &Scenario, history: &History) -> Vec<FaultRto> {
             last.insert(shard, op.invoke_ms);
         }
     }
-    let faults = &scenario.faults;
     faults
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let end = faults.get(i + 1).map_or(scenario.heal_at_ms, |n| n.at_ms);
+            let end = faults.get(i + 1).map_or(heal_at_ms, |n| n.at_ms);
             let mut recovered_at = Some(f.at_ms);
             let mut failed = 0;
             for list in rounds.values() {
@@ -69,7 +78,7 @@ pub fn per_fault(scenario: &Scenario, history: &History) -> Vec<FaultRto> {
             }
             FaultRto {
                 fault: i,
-                kind: f.kind.name(),
+                kind: f.kind.clone(),
                 at_ms: f.at_ms,
                 duration_ms: f.duration_ms,
                 rto_ms: recovered_at.map(|t| t.saturating_sub(f.at_ms)),

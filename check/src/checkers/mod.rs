@@ -14,29 +14,39 @@ pub mod p3_cascade;
 pub mod phantom;
 
 use crate::history::History;
-use crate::scenario::Scenario;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A broken property, with enough detail to start debugging from.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Violation {
-    pub checker: &'static str,
+    pub checker: String,
     pub detail: String,
 }
 
 impl Violation {
     pub fn new(checker: &'static str, detail: impl Into<String>) -> Violation {
-        Violation { checker, detail: detail.into() }
+        Violation { checker: checker.to_owned(), detail: detail.into() }
     }
 }
 
+/// What the checkers need to know about the run besides its history.
+#[derive(Clone, Copy, Debug)]
+pub struct RunLimits {
+    /// The revocation bound P2 promises (ms).
+    pub revocation_bound_ms: u64,
+    /// When every fault was healed (ms on the history's clock).
+    pub heal_at_ms: u64,
+    /// How long after the heal the cluster had to converge (ms).
+    pub converge_limit_ms: u64,
+}
+
 /// Every checker, in a fixed order.
-pub fn check_all(scenario: &Scenario, history: &History) -> Vec<Violation> {
+pub fn check_all(limits: RunLimits, history: &History) -> Vec<Violation> {
     let model = model::Model::build(history);
     let mut v = Vec::new();
-    v.extend(liveness::check(scenario, history));
+    v.extend(liveness::check(limits, history));
     v.extend(p1_durability::check(&model, history));
-    v.extend(p2_revocation_bound::check(&model, history, crate::scenario::REVOCATION_BOUND_MS));
+    v.extend(p2_revocation_bound::check(&model, history, limits.revocation_bound_ms));
     v.extend(p3_cascade::check(&model, history));
     v.extend(election_safety::check(history));
     v.extend(phantom::check(&model, history));

@@ -1,13 +1,12 @@
-//! What every simulated client did and saw, on the simulation's one clock, plus what the nodes
-//! reported about leadership. The checkers read only this.
+//! What every client did and saw, on the run's one clock (simulated time in the simulator, one
+//! monotonic clock in the chaos harness), plus what the nodes reported about leadership. The
+//! checkers read only this.
 
-use serde::Serialize;
-use std::cell::RefCell;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::rc::Rc;
 
 /// Status of one checked session, as the node answered it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
     pub session: String,
     /// `VALID`, `REVOKED`, `UNKNOWN`, ... (the proto enum name).
@@ -15,7 +14,7 @@ pub struct Seen {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum OpKind {
     Create {
@@ -53,7 +52,7 @@ impl OpKind {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum OpResult {
     /// `evicted`: sessions the create pushed out under the per-user session limit.
@@ -81,7 +80,7 @@ pub enum OpResult {
 }
 
 /// One client operation.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Op {
     pub client: String,
     pub node: u64,
@@ -100,7 +99,7 @@ impl Op {
 }
 
 /// A node saw itself as leader of `shard` in `term`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Leadership {
     pub at_ms: u64,
     pub shard: u16,
@@ -109,13 +108,13 @@ pub struct Leadership {
 }
 
 /// What the simulator itself did (faults, heals), for the trace and for RTO.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
     pub at_ms: u64,
     pub what: String,
 }
 
-#[derive(Default, Serialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct History {
     pub ops: Vec<Op>,
     pub leaders: Vec<Leadership>,
@@ -130,12 +129,4 @@ pub struct History {
     pub not_converged: Option<String>,
     /// Final reads that no node answered, with each node's error.
     pub final_read_errors: Vec<String>,
-}
-
-/// The history, shared by every simulated host (they all run on one thread).
-pub type Shared = Rc<RefCell<History>>;
-
-/// Simulated milliseconds since the start of the run.
-pub fn now_ms() -> u64 {
-    turmoil::sim_elapsed().map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

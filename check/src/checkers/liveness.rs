@@ -1,20 +1,19 @@
 //! Liveness: after every fault is healed, the cluster converges (one agreed leader per shard,
-//! every voter caught up) within the scenario's limit, and the final reads succeed.
+//! every voter caught up) within the run's limit, and the final reads succeed.
 
-use super::Violation;
+use super::{RunLimits, Violation};
 use crate::history::History;
-use crate::scenario::Scenario;
 
 pub const NAME: &str = "liveness";
 
-pub fn check(scenario: &Scenario, history: &History) -> Vec<Violation> {
+pub fn check(limits: RunLimits, history: &History) -> Vec<Violation> {
     match history.converged_at_ms {
         None => vec![Violation::new(
             NAME,
             format!(
                 "no convergence within {} ms of the heal at {} ms: {}",
-                scenario.converge_limit_ms,
-                scenario.heal_at_ms,
+                limits.converge_limit_ms,
+                limits.heal_at_ms,
                 history.not_converged.as_deref().unwrap_or("no status")
             ),
         )],
