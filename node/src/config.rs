@@ -4,6 +4,7 @@
 use anyhow::Context;
 use cascade_core::limits::{Limits, SessionLimitPolicy};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -50,7 +51,11 @@ pub struct NodeConfig {
     pub stale_reads: StaleReads,
     /// The cluster this node belongs to.
     pub cluster: ClusterConfig,
-    /// Accept `CutLinks` requests that make this node stop talking to chosen peers (drills and
+    /// Dial some peers through another address: advertised `host:port` → `host:port` to
+    /// connect to (a proxy or tunnel; the chaos harness puts a fault proxy on every link).
+    /// Peers not listed are dialed at their advertised address.
+    pub peer_routes: BTreeMap<String, String>,
+    /// Accept `CutLinks` and `SetClockOffset` requests that make this node stop talking to chosen peers (drills and
     /// tests of partitions). Never enable it in production.
     pub fault_injection: bool,
 }
@@ -173,6 +178,7 @@ impl Default for NodeConfig {
             revocation_bound_ms: 500,
             stale_reads: StaleReads::Forward,
             cluster: ClusterConfig::default(),
+            peer_routes: BTreeMap::new(),
             fault_injection: false,
         }
     }
@@ -227,6 +233,14 @@ impl NodeConfig {
                 "cluster.nodes does not list this node ({}); list it, or set cluster.join to add it to a running cluster",
                 self.node_id
             );
+        }
+        for (from, to) in &self.peer_routes {
+            for a in [from, to] {
+                anyhow::ensure!(
+                    a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                    "peer_routes: {a:?} is not host:port"
+                );
+            }
         }
         self.limits.to_limits()?;
         Ok(())

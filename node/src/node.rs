@@ -5,7 +5,7 @@ use crate::actors::supervisor::{DirectoryObserver, NodeSupervisor, ShardDirector
 use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
 use crate::config::NodeConfig;
-use crate::seams::Seams;
+use crate::seams::{Clock, OffsetClock, Seams};
 use anyhow::Context;
 use cascade_protocol::pb::cascade_server::CascadeServer;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransportServer;
@@ -14,6 +14,7 @@ use cascade_raft::network::{TransportServer, RAFT_MESSAGE_BYTES_MAX};
 use cascade_raft::typ::CascadeNode;
 use ractor::Actor;
 use std::future::Future;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 /// Largest public API request (batches of checks are far below it).
@@ -48,6 +49,9 @@ pub async fn run(
         heartbeat_ms: config.raft_heartbeat_ms,
         election_timeout_min_ms: config.raft_election_timeout_ms,
     };
+    let clock_offset_ms = Arc::new(AtomicI64::new(0));
+    let clock: Arc<dyn Clock> =
+        Arc::new(OffsetClock { inner: seams.clock, offset_ms: clock_offset_ms.clone() });
     let host = Arc::new(RaftHost::open(host_config, seams.storage, seams.peers, Some(observer)).await?);
     if let Some(on_host) = seams.on_host {
         on_host(host.clone());
@@ -61,7 +65,7 @@ pub async fn run(
                 node_prefix: node_prefix.clone(),
                 raft: host.raft(shard).context("shard missing from host")?,
                 reader: host.reader(shard).context("shard reader missing from host")?.clone(),
-                clock: seams.clock.clone(),
+                clock: clock.clone(),
                 user_actors_max: config.user_actors_per_shard_max,
                 user_idle_ms: config.user_idle_ms,
                 purge_interval_ms: config.purge_interval_ms,
@@ -76,7 +80,9 @@ pub async fn run(
     .await
     .context("start actors")?;
 
-    let ctx = Arc::new(NodeCtx::new(&config, directory, host.clone(), seams.clock.clone(), seams.entropy));
+    let mut ctx = NodeCtx::new(&config, directory, host.clone(), clock, seams.entropy);
+    ctx.clock_offset_ms = clock_offset_ms;
+    let ctx = Arc::new(ctx);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

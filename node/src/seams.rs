@@ -6,6 +6,7 @@ use cascade_raft::host::{RaftHost, Storage};
 use cascade_raft::network::Peers;
 use futures::stream::{BoxStream, StreamExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 /// Wall-clock time in milliseconds since the Unix epoch. Used to stamp commands (the state
@@ -22,6 +23,19 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A clock that runs `offset` milliseconds away from another: the drill hook that skews one
+/// node's clock without touching the host's (`SetClockOffset`, fault injection only).
+pub struct OffsetClock {
+    pub inner: Arc<dyn Clock>,
+    pub offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock for OffsetClock {
+    fn now_ms(&self) -> u64 {
+        self.inner.now_ms().saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
     }
 }
 

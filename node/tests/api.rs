@@ -1204,3 +1204,40 @@ async fn watermark_not_before_is_exact_and_never_in_the_future() {
     assert!(third.created_at_ms > set.watermark_ms, "{third:?} vs {set:?}");
     assert_valid(&check(&mut t.client, &third.session_id).await, "created after the watermark");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_offset_is_a_fault_injection_hook_that_moves_this_nodes_clock_only() {
+    // Without fault injection the hook is refused.
+    let mut plain = TestNode::start().await;
+    let refused = plain
+        .client
+        .set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 1_000 })
+        .await
+        .expect_err("no fault injection");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    let mut t = TestNode::start_with(|c| c.fault_injection = true).await;
+    let too_far = t
+        .client
+        .set_clock_offset(pb::SetClockOffsetRequest { offset_ms: -2 * 86_400_000 })
+        .await
+        .expect_err("beyond one day");
+    assert_eq!(too_far.code(), Code::InvalidArgument, "{too_far:?}");
+    assert!(too_far.message().contains("offset_ms"), "{too_far:?}");
+
+    let created = create(&mut t.client, create_req(TENANT, "alice", WEB)).await;
+    assert_valid(&check(&mut t.client, &created.session_id).await, "before the skew");
+    // Two hours ahead: the one-hour session is judged expired by this node's clock.
+    let skewed = t
+        .client
+        .set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 2 * HOUR_MS as i64 })
+        .await
+        .expect("set offset")
+        .into_inner();
+    assert!(skewed.now_ms >= now_ms() + 2 * HOUR_MS - 60_000, "{skewed:?} vs host {}", now_ms());
+    let r = check(&mut t.client, &created.session_id).await;
+    assert_eq!(r.status(), pb::CheckStatus::Expired, "{r:?}");
+    // Back to the host's clock.
+    t.client.set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 0 }).await.expect("reset");
+    assert_valid(&check(&mut t.client, &created.session_id).await, "after the reset");
+}

@@ -59,12 +59,21 @@ pub struct Peers {
     cut: Arc<RwLock<BTreeSet<String>>>,
     /// How to open a stream to a peer; `None`: TCP.
     dialer: Option<Dialer>,
+    /// Peer address → the address actually dialed for it (a proxy, a tunnel). Peers not in it
+    /// are dialed at their own address.
+    routes: Arc<BTreeMap<String, String>>,
 }
 
 impl Peers {
     /// Peers reached through `dialer` instead of TCP (the simulator's network).
     pub fn with_dialer(dialer: Dialer) -> Peers {
         Peers { dialer: Some(dialer), ..Peers::default() }
+    }
+
+    /// Reach the peers listed in `routes` (advertised `host:port` → `host:port` to dial) through
+    /// the given addresses, e.g. a fault proxy per link in the chaos harness.
+    pub fn with_routes(routes: BTreeMap<String, String>) -> Peers {
+        Peers { routes: Arc::new(routes), ..Peers::default() }
     }
 
     /// Stop all traffic from this node to `addr` until [`Peers::heal`].
@@ -91,8 +100,9 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| PeerError::Address { addr: addr.to_owned(), source })?
+        let dial = self.routes.get(addr).map_or(addr, String::as_str);
+        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+            .map_err(|source| PeerError::Address { addr: dial.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)

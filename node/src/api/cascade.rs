@@ -639,11 +639,7 @@ impl Cascade for CascadeService {
     }
 
     async fn cut_links(&self, request: Request<pb::CutLinksRequest>) -> Reply<pb::CutLinksResponse> {
-        if !self.ctx.fault_injection {
-            return Err(Status::failed_precondition(
-                "fault injection is disabled on this node; start it with --enable-fault-injection",
-            ));
-        }
+        self.fault_injection_enabled()?;
         let r = request.into_inner();
         if r.addrs.len() > 64 {
             return Err(ApiError::from(FieldError::new("addrs", "at most 64 addresses")).into());
@@ -658,5 +654,40 @@ impl Cascade for CascadeService {
         }
         tracing::warn!(cut = ?peers.cut_links(), "links changed by fault injection");
         Ok(Response::new(pb::CutLinksResponse { cut: peers.cut_links() }))
+    }
+
+    async fn set_clock_offset(
+        &self,
+        request: Request<pb::SetClockOffsetRequest>,
+    ) -> Reply<pb::SetClockOffsetResponse> {
+        self.fault_injection_enabled()?;
+        let offset_ms = request.into_inner().offset_ms;
+        if offset_ms.unsigned_abs() > CLOCK_OFFSET_MS_MAX {
+            return Err(ApiError::from(FieldError::new(
+                "offset_ms",
+                format!("at most {CLOCK_OFFSET_MS_MAX} ms either way"),
+            ))
+            .into());
+        }
+        self.ctx.clock_offset_ms.store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(offset_ms, "clock offset changed by fault injection");
+        Ok(Response::new(pb::SetClockOffsetResponse { offset_ms, now_ms: self.ctx.clock.now_ms() }))
+    }
+}
+
+/// The largest clock skew `SetClockOffset` accepts: one day.
+pub const CLOCK_OFFSET_MS_MAX: u64 = 86_400_000;
+
+impl CascadeService {
+    /// Refuse drill hooks unless the node was started with fault injection enabled.
+    #[allow(clippy::result_large_err)]
+    fn fault_injection_enabled(&self) -> Result<(), Status> {
+        if self.ctx.fault_injection {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(
+                "fault injection is disabled on this node; start it with --enable-fault-injection",
+            ))
+        }
     }
 }

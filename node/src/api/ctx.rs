@@ -22,7 +22,7 @@ use cascade_raft::typ::Raft;
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -51,6 +51,8 @@ pub struct NodeCtx {
     pub directory: ShardDirectory,
     pub host: Arc<RaftHost>,
     pub clock: Arc<dyn Clock>,
+    /// How far `clock` runs from the host's clock (fault injection's `SetClockOffset`).
+    pub clock_offset_ms: Arc<AtomicI64>,
     /// Where session ids and refresh secrets come from.
     pub entropy: Arc<dyn Entropy>,
     /// Requests in flight per shard.
@@ -89,6 +91,7 @@ impl NodeCtx {
             directory,
             host,
             clock,
+            clock_offset_ms: Arc::default(),
             entropy,
             inflight,
             inflight_max: config.shard_inflight_max,

@@ -134,7 +134,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         shards = config.shards,
         "starting"
     );
-    let seams = Seams::production(listener, &config.data_dir, config.node_id);
+    let mut seams = Seams::production(listener, &config.data_dir, config.node_id);
+    seams.peers = cascade_raft::network::Peers::with_routes(config.peer_routes.clone());
     cascade_node::run(config, seams, shutdown).await?;
     tracing::info!("stopped cleanly");
     Ok(crate::cli::exit::SUCCESS)
