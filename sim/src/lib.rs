@@ -4,7 +4,6 @@
 //! A run is derived from its seed. Most seeds replay byte for byte; some do not yet (see
 //! ARCHITECTURE.md, "Not yet").
 
-pub mod clients;
 pub mod net;
 pub mod report;
 pub mod run;
@@ -12,4 +11,4 @@ pub mod scenario;
 pub mod shared;
 pub mod sweep;
 
-pub use cascade_check::{checkers, history, rto};
+pub use cascade_check::{checkers, clients, history, rto};

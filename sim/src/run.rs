@@ -301,7 +301,7 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
         .max_message_latency(Duration::from_millis(3))
         .tcp_capacity(4096)
         .build();
-    let history: shared::Shared = Rc::default();
+    let history = shared::Shared::default();
     let leaders: Arc<Mutex<Vec<Leadership>>> = Arc::default();
     let sync_delay = Duration::from_millis(scenario.sync_delay_ms);
     let slots: BTreeMap<u64, NodeSlot> = scenario
@@ -322,21 +322,23 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
         start_node(&mut sim, &scenario, slot, &leaders);
     }
     set_latencies(&sim, &scenario, None);
+    let workload = scenario.workload();
+    let connect: clients::Connector = Arc::new(|id| net::client(&host_of(id)));
     for i in 0..scenario.clients {
-        let (s, h) = (scenario.clone(), history.clone());
+        let (w, c, h) = (workload.clone(), connect.clone(), history.clone());
         sim.client(format!("c{i}"), async move {
-            clients::workload(s, i, h).await;
+            clients::workload(w, i, c, h).await;
             Ok(())
         });
     }
-    let (s, h) = (scenario.clone(), history.clone());
+    let (w, c, h) = (workload.clone(), connect.clone(), history.clone());
     sim.client("probe", async move {
-        clients::probe(s, h).await;
+        clients::probe(w, c, h).await;
         Ok(())
     });
-    let (s, h) = (scenario.clone(), history.clone());
+    let (w, c, h) = (workload, connect, history.clone());
     sim.client("verifier", async move {
-        clients::verifier(s, h).await;
+        clients::verifier(w, c, h).await;
         Ok(())
     });
 
@@ -364,7 +366,7 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
                 on,
             );
             let what = format!("{} fault {i}: {what}", if on { "start" } else { "end" });
-            history.borrow_mut().events.push(Event { at_ms: now, what });
+            history.0.borrow_mut().events.push(Event { at_ms: now, what });
             next += 1;
         }
         match sim.step() {
@@ -380,7 +382,7 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
     drop(sim);
 
     let mut history =
-        Rc::try_unwrap(history).map_err(|_| anyhow::anyhow!("history still shared"))?.into_inner();
+        Rc::try_unwrap(history.0).map_err(|_| anyhow::anyhow!("history still shared"))?.into_inner();
     history.leaders = leaders.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let limits = checkers::RunLimits {
         revocation_bound_ms: crate::scenario::REVOCATION_BOUND_MS,

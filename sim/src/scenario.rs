@@ -2,6 +2,8 @@
 //! faults (swarm testing: each seed enables a random subset of fault kinds, so rare
 //! combinations get runs of their own instead of being drowned in a uniform mix).
 
+pub use cascade_check::workload::Mix;
+use cascade_check::workload::Workload;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -80,30 +82,6 @@ impl FaultKind {
             FaultKind::IsolateLeader { .. } => "isolate-leader",
             FaultKind::ClockOffset { .. } => "clock-offset",
         }
-    }
-}
-
-/// Relative weights of client operations.
-#[derive(Clone, Debug, Serialize)]
-pub struct Mix {
-    pub create: u32,
-    pub create_child: u32,
-    pub check: u32,
-    pub check_family: u32,
-    pub revoke_session: u32,
-    pub revoke_device: u32,
-    pub revoke_user: u32,
-}
-
-impl Mix {
-    fn total(&self) -> u32 {
-        self.create
-            + self.create_child
-            + self.check
-            + self.check_family
-            + self.revoke_session
-            + self.revoke_device
-            + self.revoke_user
     }
 }
 
@@ -238,38 +216,6 @@ impl Scenario {
             .copied()
             .unwrap_or(self.intra_region_ms)
     }
-
-    /// Picks an operation by the mix.
-    pub fn draw_op(&self, rng: &mut impl Rng) -> OpChoice {
-        let m = &self.mix;
-        let mut x = rng.gen_range(0..m.total().max(1));
-        for (weight, op) in [
-            (m.create, OpChoice::Create),
-            (m.create_child, OpChoice::CreateChild),
-            (m.check, OpChoice::Check),
-            (m.check_family, OpChoice::CheckFamily),
-            (m.revoke_session, OpChoice::RevokeSession),
-            (m.revoke_device, OpChoice::RevokeDevice),
-            (m.revoke_user, OpChoice::RevokeUser),
-        ] {
-            if x < weight {
-                return op;
-            }
-            x -= weight;
-        }
-        OpChoice::Check
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpChoice {
-    Create,
-    CreateChild,
-    Check,
-    CheckFamily,
-    RevokeSession,
-    RevokeDevice,
-    RevokeUser,
 }
 
 fn draw_fault(rng: &mut StdRng, name: &str, ids: &[u64], nodes: &[NodeSpec], shards: u16) -> FaultKind {
@@ -374,6 +320,24 @@ impl fmt::Display for Scenario {
             )?;
         }
         write!(f, "  heal at {}ms, converge within {}ms", self.heal_at_ms, self.converge_limit_ms)
+    }
+}
+
+impl Scenario {
+    /// What the simulated clients do, from the scenario.
+    pub fn workload(&self) -> Workload {
+        Workload {
+            seed: self.seed,
+            node_ids: self.nodes.iter().map(|n| n.id).collect(),
+            shards: self.shards,
+            clients: self.clients,
+            think_ms: self.think_ms,
+            users: self.users,
+            mix: self.mix.clone(),
+            warmup_ms: self.warmup_ms,
+            stop_at_ms: self.heal_at_ms,
+            converge_limit_ms: self.converge_limit_ms,
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-//! Simulated clients: the workload (identity providers, gateways, responders), the availability
-//! probe behind RTO, and the verifier that waits for convergence after the heal and reads the
-//! final state. Each records every operation it makes into the shared history.
+//! The clients of a run: the workload (identity providers, gateways, responders), the
+//! availability probe behind RTO, and the verifier that waits for convergence after the heal and
+//! reads the final state. Each records every operation it makes into the run's history. The
+//! simulator runs them on virtual time over turmoil, the chaos harness on real time over TCP;
+//! both supply a [`Recorder`] (the history and the clock) and a [`Connector`].
 
-use crate::history::{Op, OpKind, OpResult, Seen};
-use crate::net;
-use crate::scenario::{host_of, OpChoice, Scenario};
-use crate::shared::{now_ms, Shared};
+use crate::history::{History, Op, OpKind, OpResult, Seen};
+use crate::workload::{OpChoice, Workload};
 use cascade_protocol::ids::shard_of_user;
 use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::pb::{self, CheckStatus, ReasonCode};
@@ -14,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -33,7 +34,18 @@ const PROBE_SESSIONS_PER_USER: u32 = 20;
 const CONVERGE_POLL: Duration = Duration::from_millis(250);
 /// How many recently revoked sessions the workload keeps checking.
 const RECENT_REVOKED_MAX: usize = 16;
-/// Tenant of every simulated user.
+/// Where operations are recorded, and the one clock they are timed on.
+pub trait Recorder: Clone + 'static {
+    /// Milliseconds since the start of the run.
+    fn now_ms(&self) -> u64;
+    fn read<T>(&self, f: impl FnOnce(&History) -> T) -> T;
+    fn write<T>(&self, f: impl FnOnce(&mut History) -> T) -> T;
+}
+
+/// A public-API client of a node, by node id.
+pub type Connector = Arc<dyn Fn(u64) -> CascadeClient<Channel> + Send + Sync>;
+
+/// Tenant of every client's users.
 pub const TENANT: &str = "t";
 const TTL_MS: u64 = 3_600_000;
 
@@ -51,7 +63,11 @@ fn jkt_of(device: &str) -> String {
 }
 
 fn revocation(text: &str) -> Option<pb::Revocation> {
-    Some(pb::Revocation { reason: ReasonCode::Admin as i32, text: text.to_owned(), actor: "sim".to_owned() })
+    Some(pb::Revocation {
+        reason: ReasonCode::Admin as i32,
+        text: text.to_owned(),
+        actor: "workload".to_owned(),
+    })
 }
 
 /// Runs `call` with the deadline; a timeout is reported as DEADLINE_EXCEEDED.
@@ -105,17 +121,18 @@ fn check_request(session: &str, linearizable: bool) -> pb::CheckSessionRequest {
 struct Nodes {
     ids: Vec<u64>,
     clients: BTreeMap<u64, CascadeClient<Channel>>,
+    connect: Connector,
 }
 
 impl Nodes {
-    fn new(scenario: &Scenario) -> Nodes {
-        let ids: Vec<u64> = scenario.nodes.iter().map(|n| n.id).collect();
-        let clients = ids.iter().map(|&id| (id, net::client(&host_of(id)))).collect();
-        Nodes { ids, clients }
+    fn new(w: &Workload, connect: &Connector) -> Nodes {
+        let ids = w.node_ids.clone();
+        let clients = ids.iter().map(|&id| (id, connect(id))).collect();
+        Nodes { ids, clients, connect: connect.clone() }
     }
 
     fn get(&self, id: u64) -> CascadeClient<Channel> {
-        self.clients.get(&id).cloned().unwrap_or_else(|| net::client(&host_of(id)))
+        self.clients.get(&id).cloned().unwrap_or_else(|| (self.connect)(id))
     }
 }
 
@@ -129,87 +146,92 @@ struct Known {
 
 /// Sessions named by the latest acknowledged revocations (gateways keep seeing the tokens of
 /// sessions that were just revoked: exactly where P2 matters).
-fn recently_revoked(history: &Shared) -> Vec<String> {
-    let h = history.borrow();
-    let mut out = Vec::new();
-    for op in h.ops.iter().rev() {
-        if let OpResult::Revoked { sessions, .. } = &op.result {
-            out.extend(sessions.iter().cloned());
-            if out.len() >= RECENT_REVOKED_MAX {
-                break;
+fn recently_revoked(history: &impl Recorder) -> Vec<String> {
+    history.read(|h| {
+        let mut out = Vec::new();
+        for op in h.ops.iter().rev() {
+            if let OpResult::Revoked { sessions, .. } = &op.result {
+                out.extend(sessions.iter().cloned());
+                if out.len() >= RECENT_REVOKED_MAX {
+                    break;
+                }
             }
         }
-    }
-    out
+        out
+    })
 }
 
-fn known_sessions(history: &Shared) -> Vec<Known> {
-    history
-        .borrow()
-        .ops
-        .iter()
-        .filter_map(|op| match (&op.kind, &op.result) {
-            (OpKind::Create { user, device, .. }, OpResult::Created { session, .. }) => {
-                Some(Known { id: session.clone(), user: user.clone(), device: device.clone() })
-            }
-            _ => None,
-        })
-        .collect()
+fn known_sessions(history: &impl Recorder) -> Vec<Known> {
+    history.read(|h| {
+        h.ops
+            .iter()
+            .filter_map(|op| match (&op.kind, &op.result) {
+                (OpKind::Create { user, device, .. }, OpResult::Created { session, .. }) => {
+                    Some(Known { id: session.clone(), user: user.clone(), device: device.clone() })
+                }
+                _ => None,
+            })
+            .collect()
+    })
 }
 
 /// Children (by acknowledged creates) of `parent`.
-fn children_of(history: &Shared, parent: &str) -> Vec<String> {
-    history
-        .borrow()
-        .ops
-        .iter()
-        .filter_map(|op| match (&op.kind, &op.result) {
-            (OpKind::Create { parent: Some(p), .. }, OpResult::Created { session, .. }) if p == parent => {
-                Some(session.clone())
-            }
-            _ => None,
-        })
-        .collect()
+fn children_of(history: &impl Recorder, parent: &str) -> Vec<String> {
+    history.read(|h| {
+        h.ops
+            .iter()
+            .filter_map(|op| match (&op.kind, &op.result) {
+                (OpKind::Create { parent: Some(p), .. }, OpResult::Created { session, .. })
+                    if p == parent =>
+                {
+                    Some(session.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    })
 }
 
 /// One workload client: random operations against random nodes from the end of the warm-up
 /// until the heal.
-pub async fn workload(scenario: Scenario, index: usize, history: Shared) {
-    let mut rng = StdRng::seed_from_u64(scenario.seed.wrapping_mul(31).wrapping_add(index as u64 + 1));
+/// Starts at `warmup_ms` on the recorder's clock (the clock starts with the run).
+pub async fn workload(w: Workload, index: usize, connect: Connector, history: impl Recorder) {
+    let mut rng = StdRng::seed_from_u64(w.seed.wrapping_mul(31).wrapping_add(index as u64 + 1));
     let name = format!("c{index}");
-    let nodes = Nodes::new(&scenario);
-    tokio::time::sleep(Duration::from_millis(scenario.warmup_ms)).await;
+    let nodes = Nodes::new(&w, &connect);
+    sleep_until_ms(&history, w.warmup_ms).await;
     for _ in 0..OPS_PER_CLIENT_MAX {
-        if now_ms() >= scenario.heal_at_ms {
+        if history.now_ms() >= w.stop_at_ms {
             break;
         }
         let node = *nodes.ids.choose(&mut rng).unwrap_or(&1);
         let client = nodes.get(node);
-        let choice = scenario.draw_op(&mut rng);
+        let choice = w.mix.draw(&mut rng);
         let known = known_sessions(&history);
-        let invoke_ms = now_ms();
-        let Some((kind, result)) = one_op(&scenario, choice, client, &known, &history, &mut rng).await else {
+        let invoke_ms = history.now_ms();
+        let Some((kind, result)) = one_op(&w, choice, client, &known, &history, &mut rng).await else {
             continue;
         };
-        history.borrow_mut().ops.push(Op {
-            client: name.clone(),
-            node,
-            invoke_ms,
-            complete_ms: now_ms(),
-            kind,
-            result,
+        let complete_ms = history.now_ms();
+        history.write(|h| {
+            h.ops.push(Op { client: name.clone(), node, invoke_ms, complete_ms, kind, result });
         });
-        tokio::time::sleep(Duration::from_millis(scenario.think_ms)).await;
+        tokio::time::sleep(Duration::from_millis(w.think_ms)).await;
     }
+}
+
+/// Sleeps until the recorder's clock reads `at_ms`.
+async fn sleep_until_ms(history: &impl Recorder, at_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(history.now_ms()))).await;
 }
 
 /// Performs one operation; `None` when it has no target yet (nothing created so far).
 async fn one_op(
-    scenario: &Scenario,
+    w: &Workload,
     choice: OpChoice,
     mut client: CascadeClient<Channel>,
     known: &[Known],
-    history: &Shared,
+    history: &impl Recorder,
     rng: &mut StdRng,
 ) -> Option<(OpKind, OpResult)> {
     let target = known.choose(rng).cloned();
@@ -217,7 +239,7 @@ async fn one_op(
         OpChoice::Create | OpChoice::CreateChild => {
             let (user, device, parent) = match (choice, &target) {
                 (OpChoice::CreateChild, Some(t)) => (t.user.clone(), t.device.clone(), Some(t.id.clone())),
-                _ => (user_name(rng.gen_range(0..scenario.users)), device_of(rng), None),
+                _ => (user_name(rng.gen_range(0..w.users)), device_of(rng), None),
             };
             let req = pb::CreateSessionRequest {
                 tenant: TENANT.to_owned(),
@@ -272,7 +294,7 @@ async fn one_op(
             let session = target?.id;
             let req = pb::RevokeSessionRequest {
                 session_id: session.clone(),
-                revocation: revocation("sim session"),
+                revocation: revocation("workload session"),
             };
             let result = revoked(timed(OP_TIMEOUT, client.revoke_session(request(req, OP_TIMEOUT))).await);
             (OpKind::RevokeSession { session }, result)
@@ -283,7 +305,7 @@ async fn one_op(
                 tenant: TENANT.to_owned(),
                 user_id: t.user.clone(),
                 device_id: t.device.clone(),
-                revocation: revocation("sim device"),
+                revocation: revocation("workload device"),
             };
             let result = revoked(timed(OP_TIMEOUT, client.revoke_device(request(req, OP_TIMEOUT))).await);
             (OpKind::RevokeDevice { user: t.user, device: t.device }, result)
@@ -293,7 +315,7 @@ async fn one_op(
             let req = pb::RevokeUserRequest {
                 tenant: TENANT.to_owned(),
                 user_id: user.clone(),
-                revocation: revocation("sim user"),
+                revocation: revocation("workload user"),
             };
             let result = revoked(timed(OP_TIMEOUT, client.revoke_user(request(req, OP_TIMEOUT))).await);
             (OpKind::RevokeUser { user }, result)
@@ -327,15 +349,15 @@ pub fn probe_user(shard: u16, n_shards: u16, k: u32) -> String {
 /// Writes a session to every shard every `PROBE_INTERVAL`, like a client SDK would: trying the
 /// nodes in turn until one accepts, within `OP_TIMEOUT`. Every attempt is recorded (a timed-out
 /// attempt is an unknown write like any other).
-pub async fn probe(scenario: Scenario, history: Shared) {
-    let nodes = Nodes::new(&scenario);
-    let mut rng = StdRng::seed_from_u64(scenario.seed ^ 0x9e37_79b9_7f4a_7c15);
-    tokio::time::sleep(Duration::from_millis(scenario.warmup_ms)).await;
+pub async fn probe(w: Workload, connect: Connector, history: impl Recorder) {
+    let nodes = Nodes::new(&w, &connect);
+    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x9e37_79b9_7f4a_7c15);
+    sleep_until_ms(&history, w.warmup_ms).await;
     let mut round: u32 = 0;
-    while now_ms() < scenario.heal_at_ms {
+    while history.now_ms() < w.stop_at_ms {
         let started = tokio::time::Instant::now();
-        for shard in 0..scenario.shards {
-            let user = probe_user(shard, scenario.shards, round / PROBE_SESSIONS_PER_USER);
+        for shard in 0..w.shards {
+            let user = probe_user(shard, w.shards, round / PROBE_SESSIONS_PER_USER);
             let mut order = nodes.ids.clone();
             order.shuffle(&mut rng);
             let deadline = started + OP_TIMEOUT;
@@ -353,20 +375,23 @@ pub async fn probe(scenario: Scenario, history: Shared) {
                     ttl_ms: TTL_MS,
                     ..Default::default()
                 };
-                let invoke_ms = now_ms();
+                let invoke_ms = history.now_ms();
                 let result = match timed(timeout, nodes.get(node).create_session(request(req, timeout))).await
                 {
                     Ok(r) => created(r),
                     Err(s) => write_failure(&s),
                 };
                 let ok = matches!(result, OpResult::Created { .. });
-                history.borrow_mut().ops.push(Op {
-                    client: "probe".to_owned(),
-                    node,
-                    invoke_ms,
-                    complete_ms: now_ms(),
-                    kind: OpKind::Probe { shard, user: user.clone() },
-                    result,
+                let complete_ms = history.now_ms();
+                history.write(|h| {
+                    h.ops.push(Op {
+                        client: "probe".to_owned(),
+                        node,
+                        invoke_ms,
+                        complete_ms,
+                        kind: OpKind::Probe { shard, user: user.clone() },
+                        result,
+                    });
                 });
                 if ok {
                     break;
@@ -380,29 +405,30 @@ pub async fn probe(scenario: Scenario, history: Shared) {
 
 /// After the heal: waits until every shard has one leader that all nodes agree on and every
 /// voter has applied its log, then reads the final state of everything any client saw created.
-pub async fn verifier(scenario: Scenario, history: Shared) {
-    let nodes = Nodes::new(&scenario);
+pub async fn verifier(w: Workload, connect: Connector, history: impl Recorder) {
+    let nodes = Nodes::new(&w, &connect);
     // Operations started before the heal finish within their deadline; let them land first.
-    tokio::time::sleep(Duration::from_millis(scenario.heal_at_ms) + 2 * OP_TIMEOUT).await;
-    let limit = scenario.heal_at_ms + scenario.converge_limit_ms;
-    while now_ms() < limit {
-        match converged(&scenario, &nodes).await {
+    sleep_until_ms(&history, w.stop_at_ms + 2 * OP_TIMEOUT.as_millis() as u64).await;
+    let limit = w.stop_at_ms + w.converge_limit_ms;
+    while history.now_ms() < limit {
+        match converged(&w, &nodes).await {
             Ok(()) => {
-                history.borrow_mut().converged_at_ms = Some(now_ms());
+                let now = history.now_ms();
+                history.write(|h| h.converged_at_ms = Some(now));
                 break;
             }
-            Err(why) => history.borrow_mut().not_converged = Some(why),
+            Err(why) => history.write(|h| h.not_converged = Some(why)),
         }
         tokio::time::sleep(CONVERGE_POLL).await;
     }
-    if history.borrow().converged_at_ms.is_none() {
+    if history.read(|h| h.converged_at_ms.is_none()) {
         return;
     }
-    final_reads(&scenario, &nodes, &history).await;
+    final_reads(&w, &nodes, &history).await;
 }
 
 /// `Err` says what is not converged yet.
-async fn converged(scenario: &Scenario, nodes: &Nodes) -> Result<(), String> {
+async fn converged(w: &Workload, nodes: &Nodes) -> Result<(), String> {
     let mut statuses = BTreeMap::new();
     for &id in &nodes.ids {
         let status =
@@ -411,7 +437,7 @@ async fn converged(scenario: &Scenario, nodes: &Nodes) -> Result<(), String> {
                 .map_err(|e| format!("n{id} status: {:?} {}", e.code(), e.message()))?;
         statuses.insert(id, status);
     }
-    for shard in 0..u32::from(scenario.shards) {
+    for shard in 0..u32::from(w.shards) {
         let shard_of = |id: u64| statuses.get(&id).and_then(|s| s.shards.iter().find(|x| x.shard == shard));
         // The leader as its own replica sees it; nodes without a replica know no leader.
         let at_leader = nodes
@@ -461,11 +487,10 @@ async fn converged(scenario: &Scenario, nodes: &Nodes) -> Result<(), String> {
     Ok(())
 }
 
-async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
-    let (sessions, users) = {
-        let h = history.borrow();
+async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
+    let (sessions, users) = history.read(|h| {
         let mut sessions = Vec::new();
-        let mut users: Vec<String> = (0..scenario.users).map(user_name).collect();
+        let mut users: Vec<String> = (0..w.users).map(user_name).collect();
         for op in &h.ops {
             if let OpResult::Created { session, .. } = &op.result {
                 sessions.push(session.clone());
@@ -477,14 +502,14 @@ async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
         users.sort();
         users.dedup();
         (sessions, users)
-    };
+    });
     for session in sessions {
         let mut errors = Vec::new();
         for &id in &nodes.ids {
             let req = check_request(&session, true);
             match timed(OP_TIMEOUT, nodes.get(id).check_session(request(req, OP_TIMEOUT))).await {
                 Ok(r) => {
-                    history.borrow_mut().final_checks.insert(session.clone(), seen(&session, &r));
+                    history.write(|h| h.final_checks.insert(session.clone(), seen(&session, &r)));
                     errors.clear();
                     break;
                 }
@@ -492,7 +517,7 @@ async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
             }
         }
         if !errors.is_empty() {
-            history.borrow_mut().final_read_errors.push(format!("{session}: {}", errors.join("; ")));
+            history.write(|h| h.final_read_errors.push(format!("{session}: {}", errors.join("; "))));
         }
     }
     for user in users {
@@ -501,7 +526,7 @@ async fn final_reads(scenario: &Scenario, nodes: &Nodes, history: &Shared) {
             if let Ok(r) = timed(OP_TIMEOUT, nodes.get(id).list_user_sessions(request(req, OP_TIMEOUT))).await
             {
                 let ids = r.sessions.into_iter().map(|s| s.session_id).collect();
-                history.borrow_mut().final_lists.insert(user.clone(), ids);
+                history.write(|h| h.final_lists.insert(user.clone(), ids));
                 break;
             }
         }

@@ -1,0 +1,84 @@
+//! What the clients of a run do: the operation mix and the timing, shared by the simulator
+//! (virtual time) and the chaos harness (real processes). The clients themselves are in
+//! [`crate::clients`].
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// The clients' side of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Workload {
+    pub seed: u64,
+    pub node_ids: Vec<u64>,
+    pub shards: u16,
+    /// Concurrent workload clients.
+    pub clients: usize,
+    /// Pause between a client's operations.
+    pub think_ms: u64,
+    /// Users the clients create sessions for.
+    pub users: u32,
+    pub mix: Mix,
+    /// When the cluster is expected to have formed and the clients start (ms on the run's clock).
+    pub warmup_ms: u64,
+    /// When the clients stop (the heal): convergence must follow.
+    pub stop_at_ms: u64,
+    /// How long after `stop_at_ms` the cluster has to converge.
+    pub converge_limit_ms: u64,
+}
+
+/// Relative weights of client operations.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Mix {
+    pub create: u32,
+    pub create_child: u32,
+    pub check: u32,
+    pub check_family: u32,
+    pub revoke_session: u32,
+    pub revoke_device: u32,
+    pub revoke_user: u32,
+}
+
+impl Mix {
+    pub fn total(&self) -> u32 {
+        self.create
+            + self.create_child
+            + self.check
+            + self.check_family
+            + self.revoke_session
+            + self.revoke_device
+            + self.revoke_user
+    }
+
+    /// Picks an operation by the mix.
+    pub fn draw(&self, rng: &mut impl Rng) -> OpChoice {
+        let m = self;
+        let mut x = rng.gen_range(0..m.total().max(1));
+        for (weight, op) in [
+            (m.create, OpChoice::Create),
+            (m.create_child, OpChoice::CreateChild),
+            (m.check, OpChoice::Check),
+            (m.check_family, OpChoice::CheckFamily),
+            (m.revoke_session, OpChoice::RevokeSession),
+            (m.revoke_device, OpChoice::RevokeDevice),
+            (m.revoke_user, OpChoice::RevokeUser),
+        ] {
+            if x < weight {
+                return op;
+            }
+            x -= weight;
+        }
+        OpChoice::Check
+    }
+}
+
+/// One kind of client operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpChoice {
+    Create,
+    CreateChild,
+    Check,
+    CheckFamily,
+    RevokeSession,
+    RevokeDevice,
+    RevokeUser,
+}
