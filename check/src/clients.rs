@@ -9,6 +9,7 @@ use crate::workload::{OpChoice, Workload};
 use cascade_protocol::ids::shard_of_user;
 use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::pb::{self, CheckStatus, ReasonCode};
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -19,14 +20,10 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-/// Deadline of one client operation (partitions drop traffic silently).
-pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Operations one workload client makes at most.
 pub const OPS_PER_CLIENT_MAX: usize = 600;
 /// How often the probe writes to every shard.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
-/// Deadline of one probe attempt; a round tries the nodes in turn within `OP_TIMEOUT`.
-const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Sessions a probe user gets before the probe moves to the next one (far below the per-user
 /// session limit, so evictions never muddy the oracle).
 const PROBE_SESSIONS_PER_USER: u32 = 20;
@@ -45,6 +42,8 @@ pub trait Recorder: Clone + 'static {
 /// A public-API client of a node, by node id.
 pub type Connector = Arc<dyn Fn(u64) -> CascadeClient<Channel> + Send + Sync>;
 
+/// Final reads in flight at once.
+pub const FINAL_READS_IN_FLIGHT: usize = 16;
 /// Tenant of every client's users.
 pub const TENANT: &str = "t";
 const TTL_MS: u64 = 3_600_000;
@@ -234,6 +233,7 @@ async fn one_op(
     history: &impl Recorder,
     rng: &mut StdRng,
 ) -> Option<(OpKind, OpResult)> {
+    let timeout = w.op_timeout();
     let target = known.choose(rng).cloned();
     Some(match choice {
         OpChoice::Create | OpChoice::CreateChild => {
@@ -255,7 +255,7 @@ async fn one_op(
                 with_refresh_token: false,
                 ..Default::default()
             };
-            let result = match timed(OP_TIMEOUT, client.create_session(request(req, OP_TIMEOUT))).await {
+            let result = match timed(timeout, client.create_session(request(req, timeout))).await {
                 Ok(r) => created(r),
                 Err(s) => write_failure(&s),
             };
@@ -268,7 +268,7 @@ async fn one_op(
                 _ => target?.id,
             };
             let req = check_request(&session, false);
-            let result = match timed(OP_TIMEOUT, client.check_session(request(req, OP_TIMEOUT))).await {
+            let result = match timed(timeout, client.check_session(request(req, timeout))).await {
                 Ok(r) => OpResult::Checked { seen: vec![seen(&session, &r)] },
                 Err(s) => OpResult::Refused { code: format!("{:?}", s.code()) },
             };
@@ -282,7 +282,7 @@ async fn one_op(
             let req = pb::CheckSessionBatchRequest {
                 checks: sessions.iter().map(|s| check_request(s, false)).collect(),
             };
-            let result = match timed(OP_TIMEOUT, client.check_session_batch(request(req, OP_TIMEOUT))).await {
+            let result = match timed(timeout, client.check_session_batch(request(req, timeout))).await {
                 Ok(r) => OpResult::Checked {
                     seen: sessions.iter().zip(&r.results).map(|(s, r)| seen(s, r)).collect(),
                 },
@@ -296,7 +296,7 @@ async fn one_op(
                 session_id: session.clone(),
                 revocation: revocation("workload session"),
             };
-            let result = revoked(timed(OP_TIMEOUT, client.revoke_session(request(req, OP_TIMEOUT))).await);
+            let result = revoked(timed(timeout, client.revoke_session(request(req, timeout))).await);
             (OpKind::RevokeSession { session }, result)
         }
         OpChoice::RevokeDevice => {
@@ -307,7 +307,7 @@ async fn one_op(
                 device_id: t.device.clone(),
                 revocation: revocation("workload device"),
             };
-            let result = revoked(timed(OP_TIMEOUT, client.revoke_device(request(req, OP_TIMEOUT))).await);
+            let result = revoked(timed(timeout, client.revoke_device(request(req, timeout))).await);
             (OpKind::RevokeDevice { user: t.user, device: t.device }, result)
         }
         OpChoice::RevokeUser => {
@@ -317,7 +317,7 @@ async fn one_op(
                 user_id: user.clone(),
                 revocation: revocation("workload user"),
             };
-            let result = revoked(timed(OP_TIMEOUT, client.revoke_user(request(req, OP_TIMEOUT))).await);
+            let result = revoked(timed(timeout, client.revoke_user(request(req, timeout))).await);
             (OpKind::RevokeUser { user }, result)
         }
     })
@@ -347,55 +347,52 @@ pub fn probe_user(shard: u16, n_shards: u16, k: u32) -> String {
 }
 
 /// Writes a session to every shard every `PROBE_INTERVAL`, like a client SDK would: trying the
-/// nodes in turn until one accepts, within `OP_TIMEOUT`. Every attempt is recorded (a timed-out
-/// attempt is an unknown write like any other).
+/// nodes in turn until one accepts, within the workload's operation timeout. Every shard is
+/// probed on its own schedule, so a shard that is down does not delay the probes of the others.
+/// Every attempt is recorded (a timed-out attempt is an unknown write like any other).
 pub async fn probe(w: Workload, connect: Connector, history: impl Recorder) {
     let nodes = Nodes::new(&w, &connect);
-    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x9e37_79b9_7f4a_7c15);
     sleep_until_ms(&history, w.warmup_ms).await;
+    let shards = (0..w.shards).map(|shard| probe_shard(&w, &nodes, &history, shard));
+    futures::future::join_all(shards).await;
+}
+
+async fn probe_shard(w: &Workload, nodes: &Nodes, history: &impl Recorder, shard: u16) {
+    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x9e37_79b9_7f4a_7c15 ^ u64::from(shard));
     let mut round: u32 = 0;
     while history.now_ms() < w.stop_at_ms {
         let started = tokio::time::Instant::now();
-        for shard in 0..w.shards {
-            let user = probe_user(shard, w.shards, round / PROBE_SESSIONS_PER_USER);
-            let mut order = nodes.ids.clone();
-            order.shuffle(&mut rng);
-            let deadline = started + OP_TIMEOUT;
-            for node in order {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                let timeout = left.min(PROBE_ATTEMPT_TIMEOUT);
-                let req = pb::CreateSessionRequest {
-                    tenant: TENANT.to_owned(),
-                    user_id: user.clone(),
-                    client_id: "probe".to_owned(),
-                    aal: 1,
-                    ttl_ms: TTL_MS,
-                    ..Default::default()
-                };
-                let invoke_ms = history.now_ms();
-                let result = match timed(timeout, nodes.get(node).create_session(request(req, timeout))).await
-                {
-                    Ok(r) => created(r),
-                    Err(s) => write_failure(&s),
-                };
-                let ok = matches!(result, OpResult::Created { .. });
-                let complete_ms = history.now_ms();
-                history.write(|h| {
-                    h.ops.push(Op {
-                        client: "probe".to_owned(),
-                        node,
-                        invoke_ms,
-                        complete_ms,
-                        kind: OpKind::Probe { shard, user: user.clone() },
-                        result,
-                    });
-                });
-                if ok {
-                    break;
-                }
+        let user = probe_user(shard, w.shards, round / PROBE_SESSIONS_PER_USER);
+        let mut order = nodes.ids.clone();
+        order.shuffle(&mut rng);
+        let deadline = started + w.op_timeout();
+        for node in order {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let timeout = left.min(Duration::from_millis(w.probe_attempt_ms));
+            let req = pb::CreateSessionRequest {
+                tenant: TENANT.to_owned(),
+                user_id: user.clone(),
+                client_id: "probe".to_owned(),
+                aal: 1,
+                ttl_ms: TTL_MS,
+                ..Default::default()
+            };
+            let invoke_ms = history.now_ms();
+            let result = match timed(timeout, nodes.get(node).create_session(request(req, timeout))).await {
+                Ok(r) => created(r),
+                Err(s) => write_failure(&s),
+            };
+            let ok = matches!(result, OpResult::Created { .. });
+            let complete_ms = history.now_ms();
+            let kind = OpKind::Probe { shard, round, user: user.clone() };
+            history.write(|h| {
+                h.ops.push(Op { client: "probe".to_owned(), node, invoke_ms, complete_ms, kind, result });
+            });
+            if ok {
+                break;
             }
         }
         round += 1;
@@ -408,7 +405,7 @@ pub async fn probe(w: Workload, connect: Connector, history: impl Recorder) {
 pub async fn verifier(w: Workload, connect: Connector, history: impl Recorder) {
     let nodes = Nodes::new(&w, &connect);
     // Operations started before the heal finish within their deadline; let them land first.
-    sleep_until_ms(&history, w.stop_at_ms + 2 * OP_TIMEOUT.as_millis() as u64).await;
+    sleep_until_ms(&history, w.stop_at_ms + 2 * w.op_timeout_ms).await;
     let limit = w.stop_at_ms + w.converge_limit_ms;
     while history.now_ms() < limit {
         match converged(&w, &nodes).await {
@@ -427,14 +424,22 @@ pub async fn verifier(w: Workload, connect: Connector, history: impl Recorder) {
     final_reads(&w, &nodes, &history).await;
 }
 
+/// Whether the cluster has converged now: every shard has one leader that all its voters
+/// follow, and every voter has applied the leader's log. `Err` says what is not converged yet.
+pub async fn converged_now(w: &Workload, connect: &Connector) -> Result<(), String> {
+    converged(w, &Nodes::new(w, connect)).await
+}
+
 /// `Err` says what is not converged yet.
 async fn converged(w: &Workload, nodes: &Nodes) -> Result<(), String> {
     let mut statuses = BTreeMap::new();
     for &id in &nodes.ids {
-        let status =
-            timed(OP_TIMEOUT, nodes.get(id).node_status(request(pb::NodeStatusRequest {}, OP_TIMEOUT)))
-                .await
-                .map_err(|e| format!("n{id} status: {:?} {}", e.code(), e.message()))?;
+        let status = timed(
+            w.op_timeout(),
+            nodes.get(id).node_status(request(pb::NodeStatusRequest {}, w.op_timeout())),
+        )
+        .await
+        .map_err(|e| format!("n{id} status: {:?} {}", e.code(), e.message()))?;
         statuses.insert(id, status);
     }
     for shard in 0..u32::from(w.shards) {
@@ -503,27 +508,28 @@ async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
         users.dedup();
         (sessions, users)
     });
-    for session in sessions {
+    let reads = sessions.into_iter().map(|session| async move {
         let mut errors = Vec::new();
         for &id in &nodes.ids {
             let req = check_request(&session, true);
-            match timed(OP_TIMEOUT, nodes.get(id).check_session(request(req, OP_TIMEOUT))).await {
+            match timed(w.op_timeout(), nodes.get(id).check_session(request(req, w.op_timeout()))).await {
                 Ok(r) => {
                     history.write(|h| h.final_checks.insert(session.clone(), seen(&session, &r)));
-                    errors.clear();
-                    break;
+                    return;
                 }
                 Err(e) => errors.push(format!("n{id}: {:?} {}", e.code(), e.message())),
             }
         }
-        if !errors.is_empty() {
-            history.write(|h| h.final_read_errors.push(format!("{session}: {}", errors.join("; "))));
-        }
-    }
+        history.write(|h| h.final_read_errors.push(format!("{session}: {}", errors.join("; "))));
+    });
+    // A linearizable read costs a round trip to a quorum: across regions, one at a time would
+    // take minutes for a few thousand sessions.
+    futures::stream::iter(reads).buffer_unordered(FINAL_READS_IN_FLIGHT).collect::<Vec<()>>().await;
     for user in users {
         for &id in &nodes.ids {
             let req = pb::ListUserSessionsRequest { tenant: TENANT.to_owned(), user_id: user.clone() };
-            if let Ok(r) = timed(OP_TIMEOUT, nodes.get(id).list_user_sessions(request(req, OP_TIMEOUT))).await
+            if let Ok(r) =
+                timed(w.op_timeout(), nodes.get(id).list_user_sessions(request(req, w.op_timeout()))).await
             {
                 let ids = r.sessions.into_iter().map(|s| s.session_id).collect();
                 history.write(|h| h.final_lists.insert(user.clone(), ids));

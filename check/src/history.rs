@@ -42,6 +42,9 @@ pub enum OpKind {
     /// Writes of the availability probe (one per shard and round).
     Probe {
         shard: u16,
+        /// The probe's round on this shard; the attempts of one round share it.
+        #[serde(default)]
+        round: u32,
         user: String,
     },
 }
@@ -114,7 +117,7 @@ pub struct Event {
     pub what: String,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct History {
     pub ops: Vec<Op>,
     pub leaders: Vec<Leadership>,

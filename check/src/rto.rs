@@ -32,25 +32,20 @@ pub struct FaultRto {
 /// RTO of each of `faults` (in time order); a fault's window ends at the next fault's start, the
 /// last one's at `heal_at_ms`.
 pub fn per_fault(faults: &[FaultWindow], heal_at_ms: u64, history: &History) -> Vec<FaultRto> {
-    // Probe rounds: (shard) -> [(invoke_ms of the round's first attempt, succeeded)].
-    let mut rounds: BTreeMap<u16, Vec<(u64, bool)>> = BTreeMap::new();
-    let mut last: BTreeMap<u16, u64> = BTreeMap::new();
+    // Probe rounds: shard -> round -> (invoke_ms of the round's first attempt, complete_ms of
+    // its last, succeeded).
+    let mut by_round: BTreeMap<u16, BTreeMap<u32, (u64, u64, bool)>> = BTreeMap::new();
     for op in &history.ops {
-        let OpKind::Probe { shard, .. } = op.kind else { continue };
+        let OpKind::Probe { shard, round, .. } = op.kind else { continue };
         let ok = matches!(op.result, OpResult::Created { .. });
-        let list = rounds.entry(shard).or_default();
-        // Attempts of one round follow each other within a second; a new round starts later.
-        let same_round =
-            last.get(&shard).is_some_and(|&t| op.invoke_ms < t + 1_000) && list.last().is_some_and(|r| !r.1);
-        if same_round {
-            if let Some(r) = list.last_mut() {
-                r.1 |= ok;
-            }
-        } else {
-            list.push((op.invoke_ms, ok));
-            last.insert(shard, op.invoke_ms);
-        }
+        let r =
+            by_round.entry(shard).or_default().entry(round).or_insert((op.invoke_ms, op.complete_ms, false));
+        r.0 = r.0.min(op.invoke_ms);
+        r.1 = r.1.max(op.complete_ms);
+        r.2 |= ok;
     }
+    let rounds: BTreeMap<u16, Vec<(u64, u64, bool)>> =
+        by_round.into_iter().map(|(shard, r)| (shard, r.into_values().collect())).collect();
     faults
         .iter()
         .enumerate()
@@ -59,8 +54,13 @@ pub fn per_fault(faults: &[FaultWindow], heal_at_ms: u64, history: &History) -> 
             let mut recovered_at = Some(f.at_ms);
             let mut failed = 0;
             for list in rounds.values() {
-                let window: Vec<&(u64, bool)> =
-                    list.iter().filter(|(t, _)| *t >= f.at_ms && *t < end).collect();
+                // Rounds that started after the fault and ended before the next phase (a round
+                // still running when the next fault hits says nothing about this one).
+                let window: Vec<(u64, bool)> = list
+                    .iter()
+                    .filter(|(t, done, _)| *t >= f.at_ms && *done < end)
+                    .map(|&(t, _, ok)| (t, ok))
+                    .collect();
                 failed += window.iter().filter(|(_, ok)| !ok).count();
                 // No failure: unaffected. Otherwise the first success after the last failure, if
                 // the success lasts (or lasts until the window ends).

@@ -24,6 +24,17 @@ pub struct Workload {
     pub stop_at_ms: u64,
     /// How long after `stop_at_ms` the cluster has to converge.
     pub converge_limit_ms: u64,
+    /// Deadline of one client operation (partitions drop traffic silently), and of one probe
+    /// round on a shard.
+    pub op_timeout_ms: u64,
+    /// Deadline of one probe attempt on one node; a round tries the nodes in turn.
+    pub probe_attempt_ms: u64,
+}
+
+impl Workload {
+    pub fn op_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.op_timeout_ms)
+    }
 }
 
 /// Relative weights of client operations.

@@ -337,6 +337,8 @@ impl Scenario {
             warmup_ms: self.warmup_ms,
             stop_at_ms: self.heal_at_ms,
             converge_limit_ms: self.converge_limit_ms,
+            op_timeout_ms: 1_000,
+            probe_attempt_ms: 300,
         }
     }
 }
