@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The regions of a chaos cluster, in the order nodes are placed in them.
 pub const REGIONS: [&str; 3] = ["us", "eu", "ap"];
@@ -31,6 +31,8 @@ pub struct ClusterSpec {
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub seed: u64,
+    /// Start the nodes with fault injection (CutLinks, SetClockOffset) enabled.
+    pub fault_injection: bool,
 }
 
 impl ClusterSpec {
@@ -54,6 +56,7 @@ impl ClusterSpec {
             heartbeat_ms: 250,
             election_timeout_ms: 750,
             seed,
+            fault_injection: true,
         }
     }
 
@@ -144,7 +147,7 @@ impl Cluster {
                 region: spec.region_of(id).to_owned(),
                 raft_heartbeat_ms: spec.heartbeat_ms,
                 raft_election_timeout_ms: spec.election_timeout_ms,
-                fault_injection: true,
+                fault_injection: spec.fault_injection,
                 ..NodeConfig::default()
             };
             config.cluster.nodes = members.clone();
@@ -303,16 +306,9 @@ impl Drop for Cluster {
     }
 }
 
-/// A lazily connecting client with a connect deadline and keepalive (a dead node must not
-/// hang the harness).
+/// A public-API client of the node at `addr` (see [`cascade_check::clients::tcp_client`]).
 pub fn client_of(addr: SocketAddr) -> CascadeClient<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI")
-        .connect_timeout(Duration::from_millis(500))
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(1))
-        .keep_alive_while_idle(true);
-    CascadeClient::new(endpoint.connect_lazy())
+    cascade_check::clients::tcp_client(&addr.to_string()).expect("a socket address is a valid URI")
 }
 
 /// NodeStatus with a deadline.

@@ -4,10 +4,8 @@
 //! bugs in virtual time; this finds what only real processes, sockets, fsyncs and signals show.
 
 pub mod cluster;
-pub mod html;
 pub mod nemesis;
 pub mod proxy;
-pub mod report;
 pub mod run;
 
 use std::path::PathBuf;

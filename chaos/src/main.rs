@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { scenario, out, bin, seed, quiet } => {
-            let result = (|| -> anyhow::Result<cascade_chaos::report::Report> {
+            let result = (|| -> anyhow::Result<cascade_check::report::Report> {
                 let scenario = nemesis::scenario(&scenario)?;
                 let out = match out {
                     Some(o) => o,

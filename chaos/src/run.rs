@@ -4,18 +4,16 @@
 
 use crate::cluster::{node_status, Cluster, ClusterSpec};
 use crate::nemesis::{self, Scenario};
-use crate::report::{Bucket, FaultRecord, NodeInfo, OpCounts, PhaseLatency, Report};
 use anyhow::Context;
-use cascade_check::checkers::{self, RunLimits, Violation};
-use cascade_check::clients::{self, Connector, Recorder};
-use cascade_check::history::{Event, History, Leadership, Op, OpResult};
-use cascade_check::rto::{self, FaultWindow};
-use cascade_check::workload::{Mix, Workload};
-use hdrhistogram::Histogram;
+use cascade_check::checkers::{RunLimits, Violation};
+use cascade_check::clients::{self, Connector, LiveRecorder, Recorder};
+use cascade_check::history::{Event, History, Leadership};
+use cascade_check::report::{self, FaultRecord, NodeInfo, Report};
+use cascade_check::workload::Workload;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// P2's bound in the nodes' default configuration.
@@ -24,8 +22,6 @@ pub const REVOCATION_BOUND_MS: u64 = 500;
 const READY_LIMIT: Duration = Duration::from_secs(60);
 /// Time for the clients to connect before their first operation.
 const WARMUP_MS: u64 = 1_000;
-/// Width of a timeline bucket.
-pub const BUCKET_MS: u64 = 500;
 /// How often the leader sampler asks every node for its role (election safety).
 const LEADER_SAMPLE: Duration = Duration::from_millis(250);
 /// The final reads get this long after the convergence limit before the run gives up on them.
@@ -41,27 +37,6 @@ pub struct RunOptions {
     pub seed: u64,
     /// Print progress lines to stderr.
     pub progress: bool,
-}
-
-/// The history and the one monotonic clock of a run.
-#[derive(Clone)]
-pub struct LiveRecorder {
-    history: Arc<Mutex<History>>,
-    start: Instant,
-}
-
-impl Recorder for LiveRecorder {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn read<T>(&self, f: impl FnOnce(&History) -> T) -> T {
-        f(&self.history.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn write<T>(&self, f: impl FnOnce(&mut History) -> T) -> T {
-        f(&mut self.history.lock().unwrap_or_else(|p| p.into_inner()))
-    }
 }
 
 fn progress(opts: &RunOptions, rec: &LiveRecorder, line: &str) {
@@ -87,7 +62,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
     let mut cluster = Cluster::start(spec.clone(), &opts.bin, &nodes_dir).await?;
-    let rec = LiveRecorder { history: Arc::default(), start: Instant::now() };
+    let rec = LiveRecorder::start();
     progress(opts, &rec, &format!("started {} nodes: {}", sc.nodes, cluster.describe()));
 
     let addrs: BTreeMap<u64, SocketAddr> = cluster.nodes.values().map(|n| (n.id, n.addr)).collect();
@@ -95,30 +70,8 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         let addrs = addrs.clone();
         Arc::new(move |id| crate::cluster::client_of(addrs[&id]))
     };
-    let mut workload = Workload {
-        seed: opts.seed,
-        node_ids: cluster.ids(),
-        shards: sc.shards,
-        clients: sc.clients,
-        think_ms: 20,
-        users: 12,
-        mix: Mix {
-            create: 25,
-            create_child: 10,
-            check: 40,
-            check_family: 10,
-            revoke_session: 8,
-            revoke_device: 4,
-            revoke_user: 3,
-        },
-        warmup_ms: 0,
-        stop_at_ms: 0,
-        converge_limit_ms: sc.converge_limit_ms,
-        // A write crosses regions twice (forwarded to the leader, replicated to a quorum):
-        // ~200 ms here, more while a shard elects a leader.
-        op_timeout_ms: 2_000,
-        probe_attempt_ms: 800,
-    };
+    let mut workload = Workload::real_time(clients::TENANT, opts.seed, cluster.ids(), sc.shards, sc.clients);
+    workload.converge_limit_ms = sc.converge_limit_ms;
     wait_ready(&workload, &connect, &mut cluster).await.map_err(|e| e.context(logs_hint(&opts.out)))?;
     // The schedule is relative to the start of the workload.
     let workload_from_ms = rec.now_ms() + WARMUP_MS;
@@ -197,29 +150,10 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let history = rec.read(History::clone);
     drop(cluster);
 
-    let limits = RunLimits {
-        revocation_bound_ms: REVOCATION_BOUND_MS,
-        heal_at_ms,
-        converge_limit_ms: sc.converge_limit_ms,
-    };
-    violations.extend(checkers::check_all(limits, &history));
-    let windows: Vec<FaultWindow> = faults
-        .iter()
-        .map(|f| FaultWindow {
-            kind: f.kind.clone(),
-            at_ms: f.at_ms,
-            duration_ms: f.healed_at_ms.unwrap_or(f.at_ms).saturating_sub(f.at_ms),
-        })
-        .collect();
-    for (f, r) in faults.iter_mut().zip(rto::per_fault(&windows, heal_at_ms, &history)) {
-        f.rto_ms = r.rto_ms;
-        f.failed_probes = r.failed_probes;
-    }
-    let rpo_lost = violations.iter().filter(|v| v.checker == checkers::p1_durability::NAME).count();
     let history_path = opts.out.join("history.json");
     std::fs::write(&history_path, serde_json::to_vec(&history).context("history to JSON")?)
         .with_context(|| format!("write {}", history_path.display()))?;
-    let report = Report {
+    let mut report = Report {
         scenario: sc.name.to_owned(),
         description: sc.description.to_owned(),
         seed: opts.seed,
@@ -234,36 +168,23 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         jitter_ms: spec.jitter_ms,
         workload_from_ms,
         heal_at_ms,
-        timeline: timeline(&history.ops, duration_ms),
-        bucket_ms: BUCKET_MS,
-        phases: phases(&history.ops, &faults, workload_from_ms, heal_at_ms, duration_ms),
         faults,
-        ops: counts(&history.ops),
-        rpo_lost,
-        converged_at_ms: history.converged_at_ms,
-        verdict: if violations.is_empty() { "PASS" } else { "FAIL" }.to_owned(),
         violations,
         artifacts: BTreeMap::from([
             ("history".to_owned(), history_path.display().to_string()),
             ("node logs".to_owned(), opts.out.join("nodes").join("n*/node.log").display().to_string()),
         ]),
+        ..Report::default()
     };
-    write_reports(&report, &opts.out)?;
+    let limits = RunLimits {
+        revocation_bound_ms: REVOCATION_BOUND_MS,
+        heal_at_ms,
+        converge_limit_ms: sc.converge_limit_ms,
+    };
+    report.finish(&history, limits);
+    report::write_reports(&report, &opts.out)
+        .with_context(|| format!("write the reports to {}", opts.out.display()))?;
     Ok(report)
-}
-
-/// Writes report.json, report.md and report.html into `out`.
-pub fn write_reports(report: &Report, out: &Path) -> anyhow::Result<()> {
-    let files = [
-        ("report.json", serde_json::to_string_pretty(report).context("report to JSON")?),
-        ("report.md", report.markdown()),
-        ("report.html", crate::html::render(report)),
-    ];
-    for (name, body) in files {
-        let path = out.join(name);
-        std::fs::write(&path, body).with_context(|| format!("write {}", path.display()))?;
-    }
-    Ok(())
 }
 
 fn logs_hint(out: &Path) -> String {
@@ -333,103 +254,4 @@ fn rate_line(rec: &LiveRecorder, window_ms: u64) -> String {
     });
     let per_s = |n: u64| n as f64 * 1000.0 / window_ms as f64;
     format!("last {:.0} s: {:.0} ok/s, {:.0} failed/s", window_ms as f64 / 1000.0, per_s(ok), per_s(failed))
-}
-
-fn latency_ms(op: &Op) -> u64 {
-    op.complete_ms.saturating_sub(op.invoke_ms)
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000, 3).expect("static histogram bounds are valid")
-}
-
-fn quantile(h: &Histogram<u64>, q: f64) -> f64 {
-    if h.is_empty() {
-        0.0
-    } else {
-        h.value_at_quantile(q) as f64
-    }
-}
-
-/// Operations per bucket, by completion time.
-fn timeline(ops: &[Op], duration_ms: u64) -> Vec<Bucket> {
-    let n = usize::try_from(duration_ms / BUCKET_MS + 1).unwrap_or(1);
-    let mut hists: Vec<Histogram<u64>> = (0..n).map(|_| histogram()).collect();
-    let mut buckets: Vec<Bucket> =
-        (0..n).map(|i| Bucket { at_ms: i as u64 * BUCKET_MS, ..Bucket::default() }).collect();
-    for op in ops {
-        let i = usize::try_from(op.complete_ms / BUCKET_MS).unwrap_or(usize::MAX).min(n - 1);
-        match op.result {
-            OpResult::Unknown { .. } => buckets[i].unknown += 1,
-            OpResult::Refused { .. } => buckets[i].failed += 1,
-            _ => {
-                buckets[i].ok += 1;
-                let _ = hists[i].record(latency_ms(op).max(1));
-            }
-        }
-    }
-    for (b, h) in buckets.iter_mut().zip(&hists) {
-        b.p50_ms = quantile(h, 0.5);
-        b.p99_ms = quantile(h, 0.99);
-    }
-    buckets
-}
-
-/// Latency per phase: steady state before the first fault, each fault's window, after the heal.
-fn phases(
-    ops: &[Op],
-    faults: &[FaultRecord],
-    from_ms: u64,
-    heal_at_ms: u64,
-    end_ms: u64,
-) -> Vec<PhaseLatency> {
-    let mut bounds = vec![("steady".to_owned(), from_ms, faults.first().map_or(heal_at_ms, |f| f.at_ms))];
-    for (i, f) in faults.iter().enumerate() {
-        let to = faults.get(i + 1).map_or(heal_at_ms, |n| n.at_ms);
-        bounds.push((format!("fault {}: {}", i + 1, f.kind), f.at_ms, to));
-    }
-    bounds.push(("after heal".to_owned(), heal_at_ms, end_ms));
-    bounds
-        .into_iter()
-        .map(|(phase, from, to)| {
-            let mut h = histogram();
-            let (mut ok, mut failed) = (0, 0);
-            for op in ops.iter().filter(|o| o.invoke_ms >= from && o.invoke_ms < to) {
-                if op.ok() {
-                    ok += 1;
-                    let _ = h.record(latency_ms(op).max(1));
-                } else {
-                    failed += 1;
-                }
-            }
-            PhaseLatency {
-                phase,
-                from_ms: from,
-                to_ms: to,
-                ok,
-                failed,
-                p50_ms: quantile(&h, 0.5),
-                p99_ms: quantile(&h, 0.99),
-                p999_ms: quantile(&h, 0.999),
-                max_ms: if h.is_empty() { 0.0 } else { h.max() as f64 },
-            }
-        })
-        .collect()
-}
-
-fn counts(ops: &[Op]) -> OpCounts {
-    let mut c = OpCounts { total: ops.len(), ..OpCounts::default() };
-    for op in ops {
-        match op.result {
-            OpResult::Refused { .. } => c.refused += 1,
-            OpResult::Unknown { .. } => c.unknown += 1,
-            _ => c.ok += 1,
-        }
-        if op.kind.is_write() {
-            c.writes += 1;
-        } else {
-            c.checks += 1;
-        }
-    }
-    c
 }

@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -39,12 +39,51 @@ pub trait Recorder: Clone + 'static {
     fn write<T>(&self, f: impl FnOnce(&mut History) -> T) -> T;
 }
 
+/// The history and the one monotonic clock of a run on real time (the chaos harness, drills).
+#[derive(Clone)]
+pub struct LiveRecorder {
+    history: Arc<Mutex<History>>,
+    start: std::time::Instant,
+}
+
+impl Recorder for LiveRecorder {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&History) -> T) -> T {
+        f(&self.history.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut History) -> T) -> T {
+        f(&mut self.history.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl LiveRecorder {
+    /// A recorder whose clock starts now.
+    pub fn start() -> LiveRecorder {
+        LiveRecorder { history: Arc::default(), start: std::time::Instant::now() }
+    }
+}
+
+/// A public-API client of the node at `addr` (`host:port`) over TCP: it connects lazily, with
+/// a connect deadline and HTTP/2 keepalive, so a dead or partitioned node never hangs a client.
+pub fn tcp_client(addr: &str) -> Result<CascadeClient<Channel>, tonic::transport::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true);
+    Ok(CascadeClient::new(endpoint.connect_lazy()))
+}
+
 /// A public-API client of a node, by node id.
 pub type Connector = Arc<dyn Fn(u64) -> CascadeClient<Channel> + Send + Sync>;
 
 /// Final reads in flight at once.
 pub const FINAL_READS_IN_FLIGHT: usize = 16;
-/// Tenant of every client's users.
+/// Tenant of every simulated user (drills use their own, see [`Workload::tenant`]).
 pub const TENANT: &str = "t";
 const TTL_MS: u64 = 3_600_000;
 
@@ -242,7 +281,7 @@ async fn one_op(
                 _ => (user_name(rng.gen_range(0..w.users)), device_of(rng), None),
             };
             let req = pb::CreateSessionRequest {
-                tenant: TENANT.to_owned(),
+                tenant: w.tenant.clone(),
                 user_id: user.clone(),
                 client_id: "app".to_owned(),
                 device_id: device.clone(),
@@ -302,7 +341,7 @@ async fn one_op(
         OpChoice::RevokeDevice => {
             let t = target?;
             let req = pb::RevokeDeviceRequest {
-                tenant: TENANT.to_owned(),
+                tenant: w.tenant.clone(),
                 user_id: t.user.clone(),
                 device_id: t.device.clone(),
                 revocation: revocation("workload device"),
@@ -313,7 +352,7 @@ async fn one_op(
         OpChoice::RevokeUser => {
             let user = target?.user;
             let req = pb::RevokeUserRequest {
-                tenant: TENANT.to_owned(),
+                tenant: w.tenant.clone(),
                 user_id: user.clone(),
                 revocation: revocation("workload user"),
             };
@@ -339,10 +378,10 @@ fn revoked(r: Result<pb::RevokeResponse, Status>) -> OpResult {
 }
 
 /// The probe user for `shard`, round `k`: the first name of the form `p{k}-{i}` that hashes to it.
-pub fn probe_user(shard: u16, n_shards: u16, k: u32) -> String {
+pub fn probe_user(tenant: &str, shard: u16, n_shards: u16, k: u32) -> String {
     (0u32..)
         .map(|i| format!("p{k}-{i}"))
-        .find(|u| shard_of_user(TENANT, u, n_shards) == shard)
+        .find(|u| shard_of_user(tenant, u, n_shards) == shard)
         .unwrap_or_default()
 }
 
@@ -362,7 +401,7 @@ async fn probe_shard(w: &Workload, nodes: &Nodes, history: &impl Recorder, shard
     let mut round: u32 = 0;
     while history.now_ms() < w.stop_at_ms {
         let started = tokio::time::Instant::now();
-        let user = probe_user(shard, w.shards, round / PROBE_SESSIONS_PER_USER);
+        let user = probe_user(&w.tenant, shard, w.shards, round / PROBE_SESSIONS_PER_USER);
         let mut order = nodes.ids.clone();
         order.shuffle(&mut rng);
         let deadline = started + w.op_timeout();
@@ -373,7 +412,7 @@ async fn probe_shard(w: &Workload, nodes: &Nodes, history: &impl Recorder, shard
             }
             let timeout = left.min(Duration::from_millis(w.probe_attempt_ms));
             let req = pb::CreateSessionRequest {
-                tenant: TENANT.to_owned(),
+                tenant: w.tenant.clone(),
                 user_id: user.clone(),
                 client_id: "probe".to_owned(),
                 aal: 1,
@@ -527,7 +566,7 @@ async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
     futures::stream::iter(reads).buffer_unordered(FINAL_READS_IN_FLIGHT).collect::<Vec<()>>().await;
     for user in users {
         for &id in &nodes.ids {
-            let req = pb::ListUserSessionsRequest { tenant: TENANT.to_owned(), user_id: user.clone() };
+            let req = pb::ListUserSessionsRequest { tenant: w.tenant.clone(), user_id: user.clone() };
             if let Ok(r) =
                 timed(w.op_timeout(), nodes.get(id).list_user_sessions(request(req, w.op_timeout()))).await
             {

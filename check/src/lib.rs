@@ -6,5 +6,7 @@
 pub mod checkers;
 pub mod clients;
 pub mod history;
+pub mod html;
+pub mod report;
 pub mod rto;
 pub mod workload;

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Workload {
     pub seed: u64,
+    /// Tenant of every user the clients touch (a drill keeps its canary apart from real data).
+    pub tenant: String,
     pub node_ids: Vec<u64>,
     pub shards: u16,
     /// Concurrent workload clients.
@@ -32,6 +34,36 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Clients for a real cluster on real time (the chaos harness, drills): a write crosses
+    /// regions twice (forwarded to the leader, replicated to a quorum), ~200 ms with 35-70 ms
+    /// between regions, more while a shard elects a leader. The caller sets `warmup_ms` and
+    /// `stop_at_ms` once the cluster serves.
+    pub fn real_time(tenant: &str, seed: u64, node_ids: Vec<u64>, shards: u16, clients: usize) -> Workload {
+        Workload {
+            seed,
+            tenant: tenant.to_owned(),
+            node_ids,
+            shards,
+            clients,
+            think_ms: 20,
+            users: 12,
+            mix: Mix {
+                create: 25,
+                create_child: 10,
+                check: 40,
+                check_family: 10,
+                revoke_session: 8,
+                revoke_device: 4,
+                revoke_user: 3,
+            },
+            warmup_ms: 0,
+            stop_at_ms: 0,
+            converge_limit_ms: 30_000,
+            op_timeout_ms: 2_000,
+            probe_attempt_ms: 800,
+        }
+    }
+
     pub fn op_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.op_timeout_ms)
     }

@@ -328,6 +328,7 @@ impl Scenario {
     pub fn workload(&self) -> Workload {
         Workload {
             seed: self.seed,
+            tenant: cascade_check::clients::TENANT.to_owned(),
             node_ids: self.nodes.iter().map(|n| n.id).collect(),
             shards: self.shards,
             clients: self.clients,

@@ -149,6 +149,7 @@ impl NodeCtx {
                 .collect(),
             addr: self.addr.clone(),
             revocation_bound_ms: self.host.freshness.bound_ms,
+            fault_injection: self.fault_injection,
         })
     }
 

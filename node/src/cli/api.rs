@@ -229,6 +229,15 @@ impl Api {
         let mut c = self.client.clone();
         self.unary("CutLinks", c.cut_links(self.request(m))).await
     }
+
+    /// SetClockOffset (fault injection).
+    pub async fn set_clock_offset(
+        &self,
+        m: pb::SetClockOffsetRequest,
+    ) -> Result<pb::SetClockOffsetResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("SetClockOffset", c.set_clock_offset(self.request(m))).await
+    }
 }
 
 /// An error and its causes on one line, without repeating a cause already in the message.

@@ -198,16 +198,16 @@ async fn status(api: &Api, addr: &str, out: Output) -> anyhow::Result<u8> {
 
 /// A node as the cluster lists it, and what it answered (or why it did not).
 #[derive(Debug)]
-struct NodeReport {
-    node_id: u64,
-    addr: String,
-    region: String,
-    answer: Result<pb::NodeStatusResponse, String>,
+pub(crate) struct NodeReport {
+    pub node_id: u64,
+    pub addr: String,
+    pub region: String,
+    pub answer: Result<pb::NodeStatusResponse, String>,
 }
 
 /// Asks every node `first` lists, then every node those list, and so on, concurrently in
 /// rounds; `first` is the answer of the node the command was pointed at.
-async fn gather(first: pb::NodeStatusResponse, timeout: Duration) -> Vec<NodeReport> {
+pub(crate) async fn gather(first: pb::NodeStatusResponse, timeout: Duration) -> Vec<NodeReport> {
     // node id → (addr, region) as first listed.
     let mut known: BTreeMap<u64, (String, String)> = BTreeMap::new();
     let mut answers: BTreeMap<u64, Result<pb::NodeStatusResponse, String>> = BTreeMap::new();
@@ -730,6 +730,7 @@ mod tests {
             nodes: nodes(),
             addr: format!("h:{me}"),
             revocation_bound_ms: 1000,
+            fault_injection: false,
         }
     }
 

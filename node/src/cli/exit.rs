@@ -16,7 +16,7 @@ pub const USAGE: u8 = 2;
 pub const REFUSED: u8 = 3;
 /// The server could not be reached, was UNAVAILABLE, or the deadline ran out.
 pub const UNREACHABLE: u8 = 4;
-/// `check` only: the session is not VALID (the status is printed).
+/// `check`: the session is not VALID (the status is printed); `drill`: a promise was broken.
 pub const NOT_VALID: u8 = 5;
 
 /// The exit-code table shown at the end of `--help`.
@@ -28,7 +28,8 @@ Exit codes:
   3  the server refused the request: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
      ALREADY_EXISTS, RESOURCE_EXHAUSTED, PERMISSION_DENIED, UNAUTHENTICATED
   4  server unreachable, UNAVAILABLE, or DEADLINE_EXCEEDED (see --timeout-ms)
-  5  check only: the session is not VALID (its status is printed)";
+  5  check: the session is not VALID (its status is printed);
+     drill: a promise was broken during the drill (the report says which)";
 
 /// A gRPC call that ended in a non-OK status, kept as plain data so it prints as one line.
 #[derive(Debug)]

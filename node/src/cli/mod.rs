@@ -9,6 +9,7 @@ mod api;
 mod cluster;
 mod commands;
 mod demo;
+mod drill;
 mod duration;
 mod exit;
 mod load;
@@ -143,6 +144,14 @@ enum Command {
     /// Measure how long an acknowledged revocation takes to be visible on every node of a
     /// running cluster (p50/p99 in ms); exit 1 if any exceeded the revocation bound.
     Propagation(propagation::PropagationArgs),
+    /// Failover drill against a running cluster started with --enable-fault-injection: inject
+    /// a fault with a canary workload running, undo it, report RTO/RPO (exit 5 if a promise
+    /// was broken).
+    #[command(after_help = exit::HELP)]
+    Drill {
+        #[command(subcommand)]
+        fault: drill::DrillCommand,
+    },
 }
 
 /// Parses the command line, runs the command, and turns its outcome into an exit code.
@@ -176,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Propagation(args) => {
             return propagation::propagation(args, &cli.addr, out, timeout).await;
         }
+        Command::Drill { fault } => return drill::drill(fault, &cli.addr, out, timeout).await,
         other => other,
     };
     let api = Api::connect(&cli.addr, timeout).await?;
@@ -195,9 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watermark(args) => commands::watermark(&api, out, args).await,
         Command::Status => commands::status(&api, out).await,
         Command::Cluster { what } => cluster::run(&api, &cli.addr, out, what).await,
-        Command::Serve(_) | Command::Demo(_) | Command::Load(_) | Command::Propagation(_) => {
-            Ok(exit::INTERNAL)
-        }
+        Command::Serve(_)
+        | Command::Demo(_)
+        | Command::Load(_)
+        | Command::Propagation(_)
+        | Command::Drill { .. } => Ok(exit::INTERNAL),
     }
 }
 

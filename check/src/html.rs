@@ -551,8 +551,8 @@ fn artifacts(s: &mut String, r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkers::Violation;
     use crate::report::{FaultRecord, NodeInfo, OpCounts, PhaseLatency};
-    use cascade_check::checkers::Violation;
     use std::collections::BTreeMap;
 
     fn sample() -> Report {
