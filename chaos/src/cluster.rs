@@ -8,7 +8,7 @@ use anyhow::Context;
 use cascade_node::config::{ClusterNode, NodeConfig};
 use cascade_protocol::pb;
 use cascade_protocol::pb::cascade_client::CascadeClient;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,8 @@ pub struct ClusterSpec {
     pub seed: u64,
     /// Start the nodes with fault injection (CutLinks, SetClockOffset) enabled.
     pub fault_injection: bool,
+    /// Bugs the nodes commit on purpose (`CASCADE_PLANTED_BUGS`), to prove the checkers catch them.
+    pub planted_bugs: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -57,6 +59,7 @@ impl ClusterSpec {
             election_timeout_ms: 750,
             seed,
             fault_injection: true,
+            planted_bugs: Vec::new(),
         }
     }
 
@@ -123,8 +126,14 @@ impl Cluster {
             bin.display()
         );
         let ids: Vec<u64> = (1..=spec.nodes as u64).collect();
-        let addrs: BTreeMap<u64, SocketAddr> =
-            ids.iter().map(|&id| Ok((id, free_port()?))).collect::<anyhow::Result<_>>()?;
+        // Held until the nodes start, so the proxies (or anyone) cannot take these ports.
+        let mut reserved = Vec::new();
+        let mut addrs: BTreeMap<u64, SocketAddr> = BTreeMap::new();
+        for &id in &ids {
+            let (listener, addr) = free_port()?;
+            reserved.push(listener);
+            addrs.insert(id, addr);
+        }
         let net = Network::start(&addrs, spec.seed).await.context("start the fault proxies")?;
         net.heal(|a, b| spec.base_link(a, b));
         let members: Vec<ClusterNode> = ids
@@ -172,6 +181,7 @@ impl Cluster {
             nodes.insert(id, proc);
         }
         let mut cluster = Cluster { spec, nodes, net, bin: bin.to_owned() };
+        drop(reserved);
         for id in ids {
             cluster.start_node(id)?;
         }
@@ -189,6 +199,7 @@ impl Cluster {
     /// Starts (or restarts) node `id` from its config; its data dir is whatever is on disk.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.bin.clone();
+        let planted = self.spec.planted_bugs.join(",");
         let node = self.nodes.get_mut(&id).with_context(|| format!("no node n{id}"))?;
         anyhow::ensure!(node.child.is_none(), "n{id} is already running");
         let log = std::fs::OpenOptions::new()
@@ -201,6 +212,7 @@ impl Cluster {
             .arg("--config")
             .arg(&node.config_path)
             .env("RUST_LOG", "warn")
+            .env(cascade_core::planted::ENV, planted)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("log handle")?)
             .stderr(log);
@@ -321,10 +333,18 @@ pub async fn node_status(addr: SocketAddr) -> Result<pb::NodeStatusResponse, ton
     }
 }
 
-/// A loopback port nobody listens on right now. The port is released before the node binds
-/// it; another process could take it in between, in which case the node fails to start and
-/// the harness reports it.
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
-    l.local_addr().context("local addr")
+/// A loopback port for a node, bound (the caller holds it until the node starts) and never
+/// handed out twice by this process, so clusters started side by side in one test binary do
+/// not collide. Another process could still take it between the release and the node's bind;
+/// the node then fails to start and the harness reports it.
+fn free_port() -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    for _ in 0..64 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+        let addr = l.local_addr().context("local addr")?;
+        if HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.port()) {
+            return Ok((l, addr));
+        }
+    }
+    anyhow::bail!("no fresh loopback port after 64 tries")
 }

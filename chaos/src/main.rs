@@ -35,6 +35,10 @@ enum Command {
         /// No progress lines.
         #[arg(long)]
         quiet: bool,
+        /// Make the nodes commit a known bug (ack-before-flush, stale-leader-read,
+        /// skip-cascade-child) to see the checkers catch it; repeatable.
+        #[arg(long = "bug", value_name = "NAME")]
+        bugs: Vec<String>,
     },
     /// List the scenarios.
     List,
@@ -57,7 +61,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Run { scenario, out, bin, seed, quiet } => {
+        Command::Run { scenario, out, bin, seed, quiet, bugs } => {
             let result = (|| -> anyhow::Result<cascade_check::report::Report> {
                 let scenario = nemesis::scenario(&scenario)?;
                 let out = match out {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
                     out,
                     seed,
                     progress: !quiet,
+                    planted_bugs: bugs,
                 };
                 let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
                 let report = rt.block_on(run(&opts))?;

@@ -3,6 +3,7 @@
 
 use crate::cluster::Cluster;
 use anyhow::Context;
+use cascade_check::workload::Mix;
 use cascade_protocol::pb;
 use std::time::Duration;
 
@@ -223,6 +224,8 @@ pub struct Scenario {
     pub nodes: usize,
     pub shards: u16,
     pub clients: usize,
+    /// The operation mix, when not the default one (`Workload::real_time`).
+    pub mix: Option<Mix>,
     pub steps: Vec<Step>,
     /// Quiet time after the last step before the heal (a healed partition or a resumed node
     /// can still cost a shard an election: see the report's RTO of the last fault).
@@ -250,6 +253,7 @@ pub fn scenarios() -> Vec<Scenario> {
         nodes,
         shards: 4,
         clients: 4,
+        mix: None,
         steps,
         settle_ms: 6_000,
         converge_limit_ms: 30_000,
@@ -290,6 +294,27 @@ pub fn scenarios() -> Vec<Scenario> {
         base("pause", "SIGSTOP the leader of shard 0 for 4 s.", 3, vec![step(3, 4, Nemesis::PauseLeader { shard: 0 })]),
         base("isolate-leader", "Cut the leader of shard 0 off from every node for 5 s.", 3, vec![step(3, 5, Nemesis::IsolateLeader { shard: 0 })]),
         base("wipe-restart", "kill -9 n2, remove its data dir, restart it empty.", 3, vec![step(3, 2, Nemesis::WipeRestart { node: 2 })]),
+        Scenario {
+            clients: 10,
+            // Mostly checks, enough revocations to check against: the bait.
+            mix: Some(Mix {
+                create: 15,
+                create_child: 0,
+                check: 70,
+                check_family: 0,
+                revoke_session: 15,
+                revoke_device: 0,
+                revoke_user: 0,
+                watermark_user: 0,
+            }),
+            ..base(
+                "stale-read-bait",
+                "Cut the leader of shard 0 off for 14 s while 10 clients revoke and check: a leader that answers \
+                 without a freshness proof (planted bug stale-leader-read) serves revoked sessions as VALID.",
+                3,
+                vec![step(8, 14, Nemesis::IsolateLeader { shard: 0 })],
+            )
+        },
         base("clock-offset", "Run n3's clock 30 s fast for 5 s.", 3, vec![step(3, 5, Nemesis::ClockOffset { node: 3, offset_ms: 30_000 })]),
     ]
 }

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub seed: u64,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Bugs the nodes commit on purpose (see `cascade_core::planted`).
+    pub planted_bugs: Vec<String>,
 }
 
 fn progress(opts: &RunOptions, rec: &LiveRecorder, line: &str) {
@@ -57,7 +59,8 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         opts.out.display()
     );
     std::fs::create_dir_all(&opts.out).with_context(|| format!("create {}", opts.out.display()))?;
-    let spec = ClusterSpec::three_regions(sc.nodes, sc.shards, opts.seed);
+    let mut spec = ClusterSpec::three_regions(sc.nodes, sc.shards, opts.seed);
+    spec.planted_bugs = opts.planted_bugs.clone();
     let started_unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
@@ -72,6 +75,9 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     };
     let mut workload = Workload::real_time(clients::TENANT, opts.seed, cluster.ids(), sc.shards, sc.clients);
     workload.converge_limit_ms = sc.converge_limit_ms;
+    if let Some(mix) = &sc.mix {
+        workload.mix = mix.clone();
+    }
     wait_ready(&workload, &connect, &mut cluster).await.map_err(|e| e.context(logs_hint(&opts.out)))?;
     // The schedule is relative to the start of the workload.
     let workload_from_ms = rec.now_ms() + WARMUP_MS;

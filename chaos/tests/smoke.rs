@@ -15,6 +15,7 @@ async fn smoke_scenario_keeps_every_promise_and_recovers_from_every_fault() {
         out: out.path().to_owned(),
         seed: 1,
         progress: true,
+        planted_bugs: Vec::new(),
     };
     let report = run(&opts).await.expect("the harness runs");
     println!("{}", report.markdown());

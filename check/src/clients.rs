@@ -146,10 +146,12 @@ fn seen(session: &str, r: &pb::CheckSessionResponse) -> Seen {
     }
 }
 
-fn check_request(session: &str, linearizable: bool) -> pb::CheckSessionRequest {
+/// A check presenting the session's device key (device-bound sessions answer DEVICE_MISMATCH
+/// to anything else, which would hide whether they are valid); `""` for unbound sessions.
+fn check_request(session: &str, jkt: &str, linearizable: bool) -> pb::CheckSessionRequest {
     pb::CheckSessionRequest {
         session_id: session.to_owned(),
-        jkt: String::new(),
+        jkt: jkt.to_owned(),
         required_aal: 0,
         linearizable,
     }
@@ -180,6 +182,11 @@ struct Known {
     id: String,
     user: String,
     device: String,
+}
+
+/// The device key a session was bound to (`""`: unbound or not known to the clients).
+fn key_of(known: &[Known], session: &str) -> String {
+    known.iter().find(|k| k.id == session).map_or_else(String::new, |k| jkt_of(&k.device))
 }
 
 /// Sessions named by the latest acknowledged revocations (gateways keep seeing the tokens of
@@ -306,7 +313,7 @@ async fn one_op(
                 Some(s) if rng.gen_bool(0.5) => s.clone(),
                 _ => target?.id,
             };
-            let req = check_request(&session, false);
+            let req = check_request(&session, &key_of(known, &session), false);
             let result = match timed(timeout, client.check_session(request(req, timeout))).await {
                 Ok(r) => OpResult::Checked { seen: vec![seen(&session, &r)] },
                 Err(s) => OpResult::Refused { code: format!("{:?}", s.code()) },
@@ -319,7 +326,7 @@ async fn one_op(
             sessions.extend(children_of(history, &parent));
             sessions.truncate(cascade_protocol::limits::CHECK_BATCH_LEN_MAX);
             let req = pb::CheckSessionBatchRequest {
-                checks: sessions.iter().map(|s| check_request(s, false)).collect(),
+                checks: sessions.iter().map(|s| check_request(s, &key_of(known, s), false)).collect(),
             };
             let result = match timed(timeout, client.check_session_batch(request(req, timeout))).await {
                 Ok(r) => OpResult::Checked {
@@ -358,6 +365,22 @@ async fn one_op(
             };
             let result = revoked(timed(timeout, client.revoke_user(request(req, timeout))).await);
             (OpKind::RevokeUser { user }, result)
+        }
+        OpChoice::WatermarkUser => {
+            let user = target?.user;
+            let req = pb::SetWatermarkRequest {
+                scope: pb::WatermarkScope::User as i32,
+                tenant: w.tenant.clone(),
+                user_id: user.clone(),
+                not_before_ms: 0,
+                revocation: revocation("workload watermark"),
+                ..Default::default()
+            };
+            let result = match timed(timeout, client.set_watermark(request(req, timeout))).await {
+                Ok(r) => OpResult::Watermarked { watermark_ms: r.watermark_ms },
+                Err(s) => write_failure(&s),
+            };
+            (OpKind::WatermarkUser { user }, result)
         }
     })
 }
@@ -537,7 +560,11 @@ async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
         let mut users: Vec<String> = (0..w.users).map(user_name).collect();
         for op in &h.ops {
             if let OpResult::Created { session, .. } = &op.result {
-                sessions.push(session.clone());
+                let key = match &op.kind {
+                    OpKind::Create { device, .. } => jkt_of(device),
+                    _ => String::new(),
+                };
+                sessions.push((session.clone(), key));
             }
             if let OpKind::Probe { user, .. } = &op.kind {
                 users.push(user.clone());
@@ -547,10 +574,10 @@ async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
         users.dedup();
         (sessions, users)
     });
-    let reads = sessions.into_iter().map(|session| async move {
+    let reads = sessions.into_iter().map(|(session, key)| async move {
         let mut errors = Vec::new();
         for &id in &nodes.ids {
-            let req = check_request(&session, true);
+            let req = check_request(&session, &key, true);
             match timed(w.op_timeout(), nodes.get(id).check_session(request(req, w.op_timeout()))).await {
                 Ok(r) => {
                     history.write(|h| h.final_checks.insert(session.clone(), seen(&session, &r)));

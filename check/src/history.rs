@@ -39,6 +39,11 @@ pub enum OpKind {
     RevokeUser {
         user: String,
     },
+    /// A user watermark at the leader's "now": every session of the user created at or before
+    /// it is revoked, whoever created it.
+    WatermarkUser {
+        user: String,
+    },
     /// Writes of the availability probe (one per shard and round).
     Probe {
         shard: u16,
@@ -70,6 +75,10 @@ pub enum OpResult {
     Revoked {
         sessions: Vec<String>,
         at_ms: u64,
+    },
+    /// The watermark in force after the request (sessions created at or before it are invalid).
+    Watermarked {
+        watermark_ms: u64,
     },
     /// Definitely not applied (the node refused it before or instead of proposing).
     Refused {

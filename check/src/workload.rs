@@ -55,6 +55,7 @@ impl Workload {
                 revoke_session: 8,
                 revoke_device: 4,
                 revoke_user: 3,
+                watermark_user: 2,
             },
             warmup_ms: 0,
             stop_at_ms: 0,
@@ -79,6 +80,9 @@ pub struct Mix {
     pub revoke_session: u32,
     pub revoke_device: u32,
     pub revoke_user: u32,
+    /// User watermarks (`SetWatermark`, scope user, not-before = now).
+    #[serde(default)]
+    pub watermark_user: u32,
 }
 
 impl Mix {
@@ -90,6 +94,7 @@ impl Mix {
             + self.revoke_session
             + self.revoke_device
             + self.revoke_user
+            + self.watermark_user
     }
 
     /// Picks an operation by the mix.
@@ -104,6 +109,7 @@ impl Mix {
             (m.revoke_session, OpChoice::RevokeSession),
             (m.revoke_device, OpChoice::RevokeDevice),
             (m.revoke_user, OpChoice::RevokeUser),
+            (m.watermark_user, OpChoice::WatermarkUser),
         ] {
             if x < weight {
                 return op;
@@ -124,4 +130,5 @@ pub enum OpChoice {
     RevokeSession,
     RevokeDevice,
     RevokeUser,
+    WatermarkUser,
 }

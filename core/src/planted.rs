@@ -64,3 +64,34 @@ pub fn planted(bug: Bug) -> bool {
         false
     }
 }
+
+/// The environment variable through which a node process is told to plant bugs (the chaos
+/// harness uses it): a comma-separated list of [`Bug::name`]s.
+pub const ENV: &str = "CASCADE_PLANTED_BUGS";
+
+/// Plants the bugs `$CASCADE_PLANTED_BUGS` names. Unset or empty: nothing. A name that is not a
+/// bug, or any name in a binary built without the `planted-bugs` feature, is an error: a node
+/// told to misbehave must never silently behave (or the reverse).
+pub fn plant_from_env() -> Result<Vec<Bug>, String> {
+    let Ok(list) = std::env::var(ENV) else { return Ok(Vec::new()) };
+    let mut bugs = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let bug = Bug::from_name(name).ok_or_else(|| {
+            let known: Vec<&str> = Bug::ALL.iter().map(|b| b.name()).collect();
+            format!("{ENV}: no planted bug {name:?}; known: {}", known.join(", "))
+        })?;
+        bugs.push(bug);
+    }
+    if bugs.is_empty() {
+        return Ok(bugs);
+    }
+    #[cfg(feature = "planted-bugs")]
+    {
+        plant(&bugs);
+        Ok(bugs)
+    }
+    #[cfg(not(feature = "planted-bugs"))]
+    {
+        Err(format!("{ENV} is set but this binary was built without the planted-bugs feature"))
+    }
+}

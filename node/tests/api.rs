@@ -1241,3 +1241,26 @@ async fn clock_offset_is_a_fault_injection_hook_that_moves_this_nodes_clock_only
     t.client.set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 0 }).await.expect("reset");
     assert_valid(&check(&mut t.client, &created.session_id).await, "after the reset");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_at_now_covers_sessions_stamped_by_a_clock_that_ran_ahead() {
+    // Found by the simulator: "now" was this node's clock, so sessions a leader had stamped with
+    // a clock running ahead survived a "revoke everything now" watermark (and a revoked SSO
+    // parent left its children valid). The shard's own clock decides "now".
+    let mut t = TestNode::start_with(|c| c.fault_injection = true).await;
+    t.client.set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 60_000 }).await.expect("skew ahead");
+    let ahead = create(&mut t.client, create_req(TENANT, "rita", WEB)).await;
+    t.client.set_clock_offset(pb::SetClockOffsetRequest { offset_ms: 0 }).await.expect("back");
+    assert!(ahead.created_at_ms > now_ms() + 30_000, "stamped ahead: {ahead:?}");
+    for scope in [pb::WatermarkScope::User, pb::WatermarkScope::Tenant] {
+        let set = t
+            .client
+            .set_watermark(watermark_req(scope, TENANT, "", "rita", "", 0))
+            .await
+            .expect("watermark now")
+            .into_inner();
+        assert!(set.watermark_ms >= ahead.created_at_ms, "{scope:?}: {set:?} vs {ahead:?}");
+    }
+    let r = check(&mut t.client, &ahead.session_id).await;
+    assert_eq!(r.status(), pb::CheckStatus::Revoked, "{r:?}");
+}

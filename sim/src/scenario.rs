@@ -183,6 +183,7 @@ impl Scenario {
                 revoke_session: rng.gen_range(2..=10),
                 revoke_device: rng.gen_range(0..=4),
                 revoke_user: rng.gen_range(0..=3),
+                watermark_user: rng.gen_range(0..=2),
             },
             enabled,
             faults,
@@ -297,7 +298,7 @@ impl fmt::Display for Scenario {
         let m = &self.mix;
         writeln!(
             f,
-            "  workload: {} clients, {} users, think {}ms, mix create {} child {} check {} family {} revoke session {} device {} user {}",
+            "  workload: {} clients, {} users, think {}ms, mix create {} child {} check {} family {} revoke session {} device {} user {} watermark {}",
             self.clients,
             self.users,
             self.think_ms,
@@ -307,7 +308,8 @@ impl fmt::Display for Scenario {
             m.check_family,
             m.revoke_session,
             m.revoke_device,
-            m.revoke_user
+            m.revoke_user,
+            m.watermark_user
         )?;
         writeln!(f, "  fault kinds enabled: {}", self.enabled.join(", "))?;
         for fault in &self.faults {

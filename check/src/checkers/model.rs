@@ -11,6 +11,8 @@ pub struct Created {
     pub device: Option<String>,
     pub parent: Option<String>,
     pub ack_ms: u64,
+    /// The leader's creation stamp (what watermarks compare with).
+    pub created_at_ms: u64,
 }
 
 /// An acknowledged operation that revoked sessions (the ids come from the node's answer).
@@ -27,7 +29,7 @@ pub struct Revocation {
 pub struct Model {
     pub created: BTreeMap<String, Created>,
     pub revocations: Vec<Revocation>,
-    /// Session → first acknowledged revocation that listed it.
+    /// Session → the revocation that listed it with the earliest acknowledgement.
     pub revoked_by: BTreeMap<String, usize>,
     /// Per user: creates whose outcome is unknown (each may have made one session the clients
     /// never heard of).
@@ -43,7 +45,7 @@ impl Model {
                 _ => None,
             };
             match (&op.kind, &op.result) {
-                (_, OpResult::Created { session, evicted, .. }) => {
+                (_, OpResult::Created { session, evicted, created_at_ms }) => {
                     let (device, parent) = match &op.kind {
                         OpKind::Create { device, parent, .. } => (Some(device.clone()), parent.clone()),
                         _ => (None, None),
@@ -55,6 +57,7 @@ impl Model {
                             device,
                             parent,
                             ack_ms: op.complete_ms,
+                            created_at_ms: *created_at_ms,
                         },
                     );
                     if !evicted.is_empty() {
@@ -70,13 +73,33 @@ impl Model {
                 _ => {}
             }
         }
+        // A watermark revokes every session of its user created at or before it, including
+        // ones whose create was acknowledged later (the leader's stamps decide, not the order
+        // in which clients heard back).
+        for (i, op) in history.ops.iter().enumerate() {
+            if let (OpKind::WatermarkUser { user }, OpResult::Watermarked { watermark_ms }) =
+                (&op.kind, &op.result)
+            {
+                let sessions: Vec<String> = m
+                    .created
+                    .iter()
+                    .filter(|(_, c)| &c.user == user && c.created_at_ms <= *watermark_ms)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                m.push_revocation(i, op.invoke_ms, op.complete_ms, sessions);
+            }
+        }
         m
     }
 
     fn push_revocation(&mut self, op: usize, invoke_ms: u64, ack_ms: u64, sessions: Vec<String>) {
         let index = self.revocations.len();
         for s in &sessions {
-            self.revoked_by.entry(s.clone()).or_insert(index);
+            // The earliest acknowledged revocation decides (watermarks are added last).
+            let earlier = self.revoked_by.get(s).is_some_and(|&j| self.revocations[j].ack_ms <= ack_ms);
+            if !earlier {
+                self.revoked_by.insert(s.clone(), index);
+            }
         }
         self.revocations.push(Revocation { op, invoke_ms, ack_ms, sessions });
     }

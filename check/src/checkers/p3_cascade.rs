@@ -73,7 +73,7 @@ fn maybe_revoked_before(model: &Model, history: &History, session: &str, before:
                 OpKind::RevokeDevice { user, device } => {
                     *user == c.user && c.device.as_deref() == Some(device.as_str())
                 }
-                OpKind::RevokeUser { user } => *user == c.user,
+                OpKind::RevokeUser { user } | OpKind::WatermarkUser { user } => *user == c.user,
                 OpKind::Create { user, .. } => *user == c.user,
                 _ => false,
             }

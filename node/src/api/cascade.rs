@@ -563,10 +563,14 @@ impl Cascade for CascadeService {
                 return Err(ApiError::from(e).into());
             }
         };
-        // Resolve "now" once so every shard gets the same watermark.
+        // "Now" (0) is resolved by each shard's state machine at apply time, as the later of the
+        // stamp and the shard's clock: every session the shard created before the watermark is
+        // covered even when it was stamped by a leader whose clock ran ahead of this node's
+        // (found by the simulator: a user watermark resolved by the receiving node's clock left
+        // the user's recent sessions valid).
         let now = self.ctx.clock.now_ms();
-        let not_before_ms = if r.not_before_ms == 0 { now } else { r.not_before_ms };
-        let command = Command::SetWatermark { scope: scope.clone(), not_before_ms, revocation };
+        let command =
+            Command::SetWatermark { scope: scope.clone(), not_before_ms: r.not_before_ms, revocation };
         let shards: Vec<u16> = match &scope {
             WatermarkScope::User { user } | WatermarkScope::Device { user, .. } => {
                 vec![user.shard(self.ctx.n_shards)]

@@ -121,6 +121,11 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
 pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     init_logging("info");
     let config = args.config()?;
+    let planted =
+        cascade_core::planted::plant_from_env().map_err(|e| anyhow::anyhow!(crate::cli::exit::Usage(e)))?;
+    if !planted.is_empty() {
+        tracing::warn!(bugs = ?planted, "PLANTED BUGS ARE ON: this node misbehaves on purpose (chaos testing only)");
+    }
     let shutdown = shutdown_signal()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
