@@ -412,3 +412,42 @@ async fn nodes_added_and_removed_while_writes_run() {
         assert_valid(&check_eventually(&joiner_client, id).await, &format!("{id} on the new node"));
     }
 }
+
+/// "Any node accepts any request", also where it holds no replica: with 4 nodes and 3 replicas
+/// per shard, the node outside a shard finds the leader through its peers and forwards both
+/// writes and checks (it answered UNAVAILABLE before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_forwards_writes_and_checks() {
+    let cluster = TestCluster::start(4, N_SHARDS).await;
+    let status = cluster.members[0].status().await;
+    let (shard, outsider) = status
+        .shards
+        .iter()
+        .find_map(|s| {
+            let out = cluster.members.iter().find(|m| !s.voters.contains(&m.id))?;
+            Some((u16::try_from(s.shard).expect("shard"), out))
+        })
+        .expect("with 4 nodes and 3 replicas some node is outside some shard");
+    let mut c = outsider.client().await;
+    let user = user_on_shard("acme", "outside", shard, N_SHARDS);
+    let created = create(&mut c, create_req("acme", &user, "web")).await;
+    assert_eq!(shard_of(&created.session_id), shard);
+    tokio::time::sleep(BOUND).await;
+    let r = c.check_session(check_req(&created.session_id, "", 0)).await.expect("check").into_inner();
+    assert_valid(&r, "checked through a node without a replica");
+    c.revoke_session(pb::RevokeSessionRequest {
+        session_id: created.session_id.clone(),
+        revocation: revocation(pb::ReasonCode::Compromised),
+    })
+    .await
+    .expect("revoke through a node without a replica");
+    tokio::time::sleep(BOUND).await;
+    let r = c.check_session(check_req(&created.session_id, "", 0)).await.expect("check").into_inner();
+    assert_eq!(r.status(), pb::CheckStatus::Revoked, "{r:?}");
+    let list = c
+        .list_user_sessions(pb::ListUserSessionsRequest { tenant: "acme".to_owned(), user_id: user.clone() })
+        .await
+        .expect("list through a node without a replica")
+        .into_inner();
+    assert_eq!(list.sessions.len(), 1);
+}

@@ -2,6 +2,7 @@
 //! freshness gate of reads (P2), write routing to the shard's leader, forwarding of reads the
 //! local replica cannot answer, the clock, and the node's settings.
 
+use super::shard_map::ShardMap;
 use super::status::ApiError;
 use crate::actors::shard_actor::{ShardMsg, ShardStatusInfo};
 use crate::actors::supervisor::ShardDirectory;
@@ -17,7 +18,7 @@ use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::ElectRequest;
 use cascade_raft::host::RaftHost;
-use cascade_raft::routing;
+use cascade_raft::routing::{self, ProposeError};
 use cascade_raft::typ::Raft;
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
@@ -59,6 +60,10 @@ pub struct NodeCtx {
     inflight: Vec<Arc<AtomicUsize>>,
     pub inflight_max: usize,
     pub touch_coalesce_ms: u64,
+    /// Leaders of shards this node holds no replica of, learned from peers.
+    pub shard_map: ShardMap,
+    /// The cluster's nodes as configured (besides those in local shard memberships).
+    configured_nodes: std::collections::BTreeMap<u64, String>,
 }
 
 /// Holds one unit of a shard's in-flight bound until dropped.
@@ -96,6 +101,8 @@ impl NodeCtx {
             inflight,
             inflight_max: config.shard_inflight_max,
             touch_coalesce_ms: config.touch_coalesce_ms,
+            shard_map: ShardMap::default(),
+            configured_nodes: config.cluster.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
         }
     }
 
@@ -141,6 +148,45 @@ impl NodeCtx {
         }
     }
 
+    /// Whether this node holds a replica (voter or learner) of `shard`.
+    pub fn is_replica(&self, shard: ShardId) -> bool {
+        self.host.raft(shard).is_some_and(|r| {
+            let metrics = r.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let member = membership.voter_ids().chain(membership.learner_ids()).any(|id| id == self.node_id);
+            member
+        })
+    }
+
+    /// Every other node this node knows of: in any local shard's membership, or configured.
+    fn peer_nodes(&self) -> std::collections::BTreeMap<u64, String> {
+        let mut nodes = self.configured_nodes.clone();
+        for shard in 0..self.n_shards {
+            if let Some(raft) = self.host.raft(shard) {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                for (id, node) in m.membership_config.membership().nodes() {
+                    nodes.insert(*id, node.addr.clone());
+                }
+            }
+        }
+        nodes.remove(&self.node_id);
+        nodes
+    }
+
+    /// The leader of `shard` and its address: as the local replica knows it, or, on a node
+    /// without a replica, as the peers report it.
+    async fn leader_route(&self, shard: ShardId, raft: &Raft) -> Option<(u64, String)> {
+        match routing::leader_of(raft) {
+            Some((leader, node)) => Some((leader, node.addr)),
+            None if !self.is_replica(shard) => {
+                self.shard_map.leader(shard, &self.host.peers, &self.peer_nodes()).await
+            }
+            None => None,
+        }
+    }
+
     /// Run `call` against the public API of `shard`'s leader, marked as forwarded, with a
     /// deadline. Fails if the leader is unknown, is this node, or cannot be reached.
     pub async fn forward<Req, Resp, F, Fut>(
@@ -154,11 +200,13 @@ impl NodeCtx {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let raft = self.raft(shard)?;
-        let Some((leader, node)) = routing::leader_of(&raft) else { return Err(self.stale(shard)) };
+        let Some((leader, addr)) = self.leader_route(shard, &raft).await else {
+            return Err(self.stale(shard));
+        };
         if leader == self.node_id {
             return Err(self.stale(shard));
         }
-        let channel = self.host.peers.channel(&node.addr).map_err(|e| ApiError::Forward {
+        let channel = self.host.peers.channel(&addr).map_err(|e| ApiError::Forward {
             shard,
             leader,
             reason: e.to_string(),
@@ -170,7 +218,10 @@ impl NodeCtx {
         }
         match call(CascadeClient::new(channel), request).await {
             Ok(resp) => Ok(resp.into_inner()),
-            Err(status) => Err(ApiError::Remote(status)),
+            Err(status) => {
+                self.shard_map.forget(shard);
+                Err(ApiError::Remote(status))
+            }
         }
     }
 
@@ -225,7 +276,45 @@ impl NodeCtx {
     pub async fn write_envelope(&self, shard: ShardId, envelope: Envelope) -> Result<Applied, ApiError> {
         let _permit = self.permit(shard)?;
         let raft = self.raft(shard)?;
-        Ok(routing::write(&raft, &self.host.peers, shard, envelope, WRITE_TIMEOUT).await?)
+        if self.is_replica(shard) {
+            return Ok(routing::write(&raft, &self.host.peers, shard, envelope, WRITE_TIMEOUT).await?);
+        }
+        Ok(self.write_via_peers(shard, &raft, envelope).await?)
+    }
+
+    /// A write on a node without a replica of `shard`: proposed at the leader its peers report,
+    /// retried with backoff only while nothing was certainly proposed (as `routing::write`).
+    async fn write_via_peers(
+        &self,
+        shard: ShardId,
+        raft: &Raft,
+        envelope: Envelope,
+    ) -> Result<Applied, ProposeError> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + WRITE_TIMEOUT;
+        let mut backoff = routing::RETRY_BACKOFF_MIN;
+        loop {
+            let attempt = match self.leader_route(shard, raft).await {
+                Some((leader, addr)) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    routing::propose_remote(&self.host.peers, shard, leader, &addr, &envelope, left).await
+                }
+                None => Err(ProposeError::NotLeader { shard, node: self.node_id, leader: None }),
+            };
+            match attempt {
+                Err(e) if e.retryable() => {
+                    self.shard_map.forget(shard);
+                    let now = tokio::time::Instant::now();
+                    if now + backoff >= deadline {
+                        let waited_ms = u64::try_from((now - start).as_millis()).unwrap_or(u64::MAX);
+                        return Err(ProposeError::NoLeader { shard, waited_ms });
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(routing::RETRY_BACKOFF_MAX);
+                }
+                other => return other,
+            }
+        }
     }
 
     pub async fn shard_status(&self, shard: ShardId) -> Result<ShardStatusInfo, ApiError> {

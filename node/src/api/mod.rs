@@ -4,4 +4,5 @@
 pub mod cascade;
 pub mod cluster;
 pub mod ctx;
+pub mod shard_map;
 pub mod status;

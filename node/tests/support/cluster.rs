@@ -120,8 +120,8 @@ impl TestCluster {
         Member { id: config.node_id, addr, region, config, peers: Peers::default(), dir, running: None }
     }
 
-    /// Wait until every running node reports a leader for every shard and a fresh replica of every
-    /// shard it holds.
+    /// Wait until every running node reports a leader and a fresh replica for every shard it
+    /// holds.
     pub async fn wait_ready(&self) {
         for m in self.members.iter().filter(|m| m.is_running()) {
             let client = m.client().await;
@@ -133,7 +133,7 @@ impl TestCluster {
                     let ok = s.shards.len() == usize::from(n)
                         && s.shards
                             .iter()
-                            .all(|sh| sh.leader != 0 && (sh.fresh || !sh.voters.contains(&s.node_id)));
+                            .all(|sh| !sh.voters.contains(&s.node_id) || (sh.leader != 0 && sh.fresh));
                     ok.then_some(())
                 }
             })
