@@ -6,6 +6,7 @@ use cascade_chaos::cluster::{Cluster, ClusterSpec};
 use cascade_check::report::Report;
 use cascade_protocol::pb;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn cluster(fault_injection: bool, root: &std::path::Path) -> Cluster {
@@ -29,9 +30,12 @@ async fn cluster(fault_injection: bool, root: &std::path::Path) -> Cluster {
 
 /// Runs `cascade --addr <n1> drill ...` with stdin closed; (exit code, stdout, stderr).
 fn drill(cluster: &Cluster, args: &[&str]) -> (i32, String, String) {
-    let addr = cluster.node(1).expect("n1").addr.to_string();
+    drill_at(&cluster.node(1).expect("n1").addr.to_string(), args)
+}
+
+fn drill_at(addr: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(cascade_chaos::default_bin())
-        .args(["--addr", &addr, "drill"])
+        .args(["--addr", addr, "drill"])
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
@@ -104,4 +108,72 @@ async fn drill_isolates_a_leader_then_heals_and_reports() {
             .into_inner();
         assert!(cut.cut.is_empty(), "n{id} still cuts {:?}", cut.cut);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_kills_a_leader_that_its_supervisor_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = cluster(true, dir.path()).await;
+    let addr = cluster.node(1).expect("n1").addr.to_string();
+    let leader = cluster.leader_of(1).await.expect("shard 1 has a leader");
+    // The harness plays the supervisor: a node that exits is started again.
+    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    let supervisor = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut restarted = Vec::new();
+            loop {
+                {
+                    let mut c = cluster.lock().await;
+                    for (id, _) in c.exited() {
+                        c.start_node(id).expect("restart");
+                        restarted.push(id);
+                    }
+                }
+                if !restarted.is_empty() {
+                    return restarted;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let out = dir.path().join("kill");
+    let out_s = out.display().to_string();
+    let args = [
+        "kill-leader",
+        "--shard",
+        "1",
+        "--yes",
+        "--duration-s",
+        "20",
+        "--baseline-s",
+        "1",
+        "--recovery-s",
+        "6",
+        "--out",
+        &out_s,
+    ];
+    let owned: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+        drill_at(&addr, &refs)
+    })
+    .await
+    .expect("drill");
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let restarted = tokio::time::timeout(Duration::from_secs(5), supervisor)
+        .await
+        .expect("a node exited")
+        .expect("supervisor");
+    assert_eq!(restarted, vec![leader], "the drill made exactly the leader of shard 1 exit");
+    let report: Report =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+            .expect("report");
+    assert!(report.passed(), "{:?}", report.violations);
+    assert!(
+        report.faults[0].target.contains(&format!("n{leader} (leader of shard 1)")),
+        "{:?}",
+        report.faults
+    );
+    assert!(report.faults[0].rto_ms.is_some(), "recovered: {:?}", report.faults[0]);
 }

@@ -677,7 +677,24 @@ impl Cascade for CascadeService {
         tracing::warn!(offset_ms, "clock offset changed by fault injection");
         Ok(Response::new(pb::SetClockOffsetResponse { offset_ms, now_ms: self.ctx.clock.now_ms() }))
     }
+
+    async fn crash(&self, _request: Request<pb::CrashRequest>) -> Reply<pb::CrashResponse> {
+        self.fault_injection_enabled()?;
+        let node_id = self.ctx.node_id;
+        tracing::error!(node_id, "exiting now at a drill's request (no clean shutdown)");
+        tokio::spawn(async {
+            tokio::time::sleep(CRASH_DELAY).await;
+            // Like kill -9: no shutdown, no flush beyond what the WAL already synced.
+            std::process::exit(CRASH_EXIT_CODE);
+        });
+        Ok(Response::new(pb::CrashResponse { node_id }))
+    }
 }
+
+/// How long a node that was asked to crash waits for its answer to leave before it exits.
+const CRASH_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+/// The exit code of a drill crash, as a shell reports a SIGKILL.
+pub const CRASH_EXIT_CODE: i32 = 137;
 
 /// The largest clock skew `SetClockOffset` accepts: one day.
 pub const CLOCK_OFFSET_MS_MAX: u64 = 86_400_000;

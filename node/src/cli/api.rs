@@ -230,6 +230,12 @@ impl Api {
         self.unary("CutLinks", c.cut_links(self.request(m))).await
     }
 
+    /// Crash (fault injection): the node exits right after answering.
+    pub async fn crash(&self) -> Result<pb::CrashResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("Crash", c.crash(self.request(pb::CrashRequest {}))).await
+    }
+
     /// SetClockOffset (fault injection).
     pub async fn set_clock_offset(
         &self,

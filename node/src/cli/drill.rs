@@ -44,6 +44,17 @@ pub enum DrillCommand {
         #[command(flatten)]
         opts: DrillOptions,
     },
+    /// Make the current leader of a shard exit at once, as if killed -9 (no clean shutdown).
+    ///
+    /// The drill cannot restart a process on another machine: the node's supervisor (systemd,
+    /// Kubernetes, ...) must. The drill waits up to --duration-s for it to answer again and
+    /// reports a violation if it does not.
+    KillLeader {
+        #[arg(long, value_name = "N")]
+        shard: u32,
+        #[command(flatten)]
+        opts: DrillOptions,
+    },
     /// Cut the current leader of a shard off from every other node, both ways.
     IsolateLeader {
         #[arg(long, value_name = "N")]
@@ -101,6 +112,7 @@ impl DrillCommand {
     fn opts(&self) -> &DrillOptions {
         match self {
             DrillCommand::IsolateRegion { opts, .. }
+            | DrillCommand::KillLeader { opts, .. }
             | DrillCommand::IsolateLeader { opts, .. }
             | DrillCommand::CutLink { opts, .. }
             | DrillCommand::ClockOffset { opts, .. } => opts,
@@ -110,6 +122,7 @@ impl DrillCommand {
     fn kind(&self) -> &'static str {
         match self {
             DrillCommand::IsolateRegion { .. } => "isolate-region",
+            DrillCommand::KillLeader { .. } => "kill-leader",
             DrillCommand::IsolateLeader { .. } => "isolate-leader",
             DrillCommand::CutLink { .. } => "cut-link",
             DrillCommand::ClockOffset { .. } => "clock-offset",
@@ -132,6 +145,8 @@ struct Plan {
     target: String,
     cuts: BTreeMap<u64, Vec<String>>,
     clock: Option<(u64, i64)>,
+    /// The node told to exit (its supervisor restarts it).
+    crash: Option<u64>,
 }
 
 /// Runs the drill; the exit code is 0 when every promise held, 5 when one was broken.
@@ -150,6 +165,9 @@ pub async fn drill(command: DrillCommand, addr: &str, out: Output, timeout: Dura
     }
     if let Some((id, ms)) = plan.clock {
         eprintln!("  n{id}'s clock runs {ms:+} ms off");
+    }
+    if let Some(id) = plan.crash {
+        eprintln!("  n{id} exits at once as if killed -9; its supervisor must restart it (the drill waits up to --duration-s)");
     }
     eprintln!(
         "  for {} s, with {} canary clients on tenant {:?} ({} s baseline, {} s recovery)",
@@ -182,6 +200,17 @@ pub async fn drill(command: DrillCommand, addr: &str, out: Output, timeout: Dura
     let mut interrupted = false;
     if let Err(e) = &injected {
         violations.push(Violation::new("harness", format!("injecting the fault failed: {e:#}")));
+    } else if let Some(id) = plan.crash {
+        let wait = Duration::from_secs(opts.duration_s);
+        tokio::select! {
+            back = wait_for_restart(&addrs, id, wait) => if !back {
+                violations.push(Violation::new("harness", format!(
+                    "n{id} did not answer again within {} s after the drill made it exit: restart it (its supervisor should have)",
+                    opts.duration_s
+                )));
+            },
+            _ = tokio::signal::ctrl_c() => interrupted = true,
+        }
     } else {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(opts.duration_s)) => {}
@@ -337,22 +366,25 @@ fn plan(
                 target: format!("region {region} ({})", names.join(", ")),
                 cuts: cut_off(&inside),
                 clock: None,
+                crash: None,
+            }
+        }
+        DrillCommand::KillLeader { shard, .. } => {
+            let leader = shard_leader(reports, *shard, n_shards)?;
+            Plan {
+                target: format!("n{leader} (leader of shard {shard})"),
+                cuts: BTreeMap::new(),
+                clock: None,
+                crash: Some(leader),
             }
         }
         DrillCommand::IsolateLeader { shard, .. } => {
-            if *shard >= u32::from(n_shards) {
-                return Err(Usage(format!("--shard must be below {n_shards}")).into());
-            }
-            let leader = leader_of(reports, *shard).ok_or_else(|| {
-                drill_error(
-                    tonic::Code::Unavailable,
-                    format!("shard {shard} has no leader right now; nothing to isolate"),
-                )
-            })?;
+            let leader = shard_leader(reports, *shard, n_shards)?;
             Plan {
                 target: format!("n{leader} (leader of shard {shard})"),
                 cuts: cut_off(&BTreeSet::from([leader])),
                 clock: None,
+                crash: None,
             }
         }
         DrillCommand::CutLink { from, to, .. } => {
@@ -364,6 +396,7 @@ fn plan(
                 target: format!("n{from} -> n{to}"),
                 cuts: BTreeMap::from([(f.id, vec![t.addr.clone()])]),
                 clock: None,
+                crash: None,
             }
         }
         DrillCommand::ClockOffset { node: id, offset_ms, .. } => {
@@ -372,9 +405,45 @@ fn plan(
                 target: format!("n{id}, clock {offset_ms:+} ms"),
                 cuts: BTreeMap::new(),
                 clock: Some((*id, *offset_ms)),
+                crash: None,
             }
         }
     })
+}
+
+/// The leader of `shard`, or why there is none to aim at.
+fn shard_leader(reports: &[NodeReport], shard: u32, n_shards: u16) -> anyhow::Result<u64> {
+    if shard >= u32::from(n_shards) {
+        return Err(Usage(format!("--shard must be below {n_shards}")).into());
+    }
+    leader_of(reports, shard).ok_or_else(|| {
+        drill_error(
+            tonic::Code::Unavailable,
+            format!("shard {shard} has no leader right now; nothing to aim at"),
+        )
+        .into()
+    })
+}
+
+/// Waits until node `id` has stopped answering and then answers again, within `limit`.
+async fn wait_for_restart(addrs: &BTreeMap<u64, String>, id: u64, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let probe = Duration::from_millis(500);
+    let addr = addrs.get(&id).cloned().unwrap_or_default();
+    let mut gone = false;
+    while tokio::time::Instant::now() < deadline {
+        let up = match Api::connect(&addr, probe).await {
+            Ok(api) => api.node_status().await.is_ok_and(|s| s.node_id == id),
+            Err(_) => false,
+        };
+        if !up {
+            gone = true;
+        } else if gone {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 /// The node that claims leadership of `shard` in the highest term.
@@ -432,6 +501,9 @@ async fn inject(plan: &Plan, addrs: &BTreeMap<u64, String>, timeout: Duration) -
     }
     if let Some((id, offset_ms)) = plan.clock {
         node_api(addrs, id, timeout).await?.set_clock_offset(pb::SetClockOffsetRequest { offset_ms }).await?;
+    }
+    if let Some(id) = plan.crash {
+        node_api(addrs, id, timeout).await?.crash().await?;
     }
     Ok(())
 }
