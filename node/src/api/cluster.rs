@@ -150,6 +150,7 @@ impl NodeCtx {
             addr: self.addr.clone(),
             revocation_bound_ms: self.host.freshness.bound_ms,
             fault_injection: self.fault_injection,
+            incarnation: self.incarnation,
         })
     }
 

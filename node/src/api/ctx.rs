@@ -62,6 +62,8 @@ pub struct NodeCtx {
     pub touch_coalesce_ms: u64,
     /// Leaders of shards this node holds no replica of, learned from peers.
     pub shard_map: ShardMap,
+    /// Random per process start (NodeStatus): tells a restarted node from one that never left.
+    pub incarnation: u64,
     /// The cluster's nodes as configured (besides those in local shard memberships).
     configured_nodes: std::collections::BTreeMap<u64, String>,
 }
@@ -85,6 +87,8 @@ impl NodeCtx {
     ) -> NodeCtx {
         let n_shards = host.n_shards();
         let inflight = (0..n_shards).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        // The low 64 bits of a random 128-bit draw.
+        let incarnation = entropy.u128() as u64;
         NodeCtx {
             node_id: config.node_id,
             region: config.region.clone(),
@@ -102,6 +106,7 @@ impl NodeCtx {
             inflight_max: config.shard_inflight_max,
             touch_coalesce_ms: config.touch_coalesce_ms,
             shard_map: ShardMap::default(),
+            incarnation,
             configured_nodes: config.cluster.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
         }
     }

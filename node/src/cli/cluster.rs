@@ -731,6 +731,7 @@ mod tests {
             addr: format!("h:{me}"),
             revocation_bound_ms: 1000,
             fault_injection: false,
+            incarnation: 1,
         }
     }
 

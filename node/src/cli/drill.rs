@@ -145,8 +145,8 @@ struct Plan {
     target: String,
     cuts: BTreeMap<u64, Vec<String>>,
     clock: Option<(u64, i64)>,
-    /// The node told to exit (its supervisor restarts it).
-    crash: Option<u64>,
+    /// The node told to exit (its supervisor restarts it), with its incarnation before.
+    crash: Option<(u64, u64)>,
 }
 
 /// Runs the drill; the exit code is 0 when every promise held, 5 when one was broken.
@@ -166,7 +166,7 @@ pub async fn drill(command: DrillCommand, addr: &str, out: Output, timeout: Dura
     if let Some((id, ms)) = plan.clock {
         eprintln!("  n{id}'s clock runs {ms:+} ms off");
     }
-    if let Some(id) = plan.crash {
+    if let Some((id, _)) = plan.crash {
         eprintln!("  n{id} exits at once as if killed -9; its supervisor must restart it (the drill waits up to --duration-s)");
     }
     eprintln!(
@@ -200,10 +200,10 @@ pub async fn drill(command: DrillCommand, addr: &str, out: Output, timeout: Dura
     let mut interrupted = false;
     if let Err(e) = &injected {
         violations.push(Violation::new("harness", format!("injecting the fault failed: {e:#}")));
-    } else if let Some(id) = plan.crash {
+    } else if let Some((id, before)) = plan.crash {
         let wait = Duration::from_secs(opts.duration_s);
         tokio::select! {
-            back = wait_for_restart(&addrs, id, wait) => if !back {
+            back = wait_for_restart(&addrs, id, before, wait) => if !back {
                 violations.push(Violation::new("harness", format!(
                     "n{id} did not answer again within {} s after the drill made it exit: restart it (its supervisor should have)",
                     opts.duration_s
@@ -375,7 +375,7 @@ fn plan(
                 target: format!("n{leader} (leader of shard {shard})"),
                 cuts: BTreeMap::new(),
                 clock: None,
-                crash: Some(leader),
+                crash: Some((leader, incarnation_of(reports, leader))),
             }
         }
         DrillCommand::IsolateLeader { shard, .. } => {
@@ -425,21 +425,22 @@ fn shard_leader(reports: &[NodeReport], shard: u32, n_shards: u16) -> anyhow::Re
     })
 }
 
-/// Waits until node `id` has stopped answering and then answers again, within `limit`.
-async fn wait_for_restart(addrs: &BTreeMap<u64, String>, id: u64, limit: Duration) -> bool {
+/// A node's incarnation as it reported it (0 if it did not answer).
+fn incarnation_of(reports: &[NodeReport], id: u64) -> u64 {
+    reports.iter().find(|r| r.node_id == id).and_then(|r| r.answer.as_ref().ok()).map_or(0, |s| s.incarnation)
+}
+
+/// Waits until node `id` answers as a new process (an incarnation other than `before`), within
+/// `limit`. A supervisor may restart it faster than a poll could see it gone.
+async fn wait_for_restart(addrs: &BTreeMap<u64, String>, id: u64, before: u64, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     let probe = Duration::from_millis(500);
     let addr = addrs.get(&id).cloned().unwrap_or_default();
-    let mut gone = false;
     while tokio::time::Instant::now() < deadline {
-        let up = match Api::connect(&addr, probe).await {
-            Ok(api) => api.node_status().await.is_ok_and(|s| s.node_id == id),
-            Err(_) => false,
-        };
-        if !up {
-            gone = true;
-        } else if gone {
-            return true;
+        if let Ok(api) = Api::connect(&addr, probe).await {
+            if api.node_status().await.is_ok_and(|s| s.node_id == id && s.incarnation != before) {
+                return true;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -502,7 +503,7 @@ async fn inject(plan: &Plan, addrs: &BTreeMap<u64, String>, timeout: Duration) -
     if let Some((id, offset_ms)) = plan.clock {
         node_api(addrs, id, timeout).await?.set_clock_offset(pb::SetClockOffsetRequest { offset_ms }).await?;
     }
-    if let Some(id) = plan.crash {
+    if let Some((id, _)) = plan.crash {
         node_api(addrs, id, timeout).await?.crash().await?;
     }
     Ok(())
