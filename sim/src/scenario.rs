@@ -156,7 +156,14 @@ impl Scenario {
         let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
         for _ in 0..n_faults {
             let name = *enabled.choose(&mut rng).unwrap_or(&"crash");
-            let duration_ms = rng.gen_range(1_000..=5_000);
+            // An isolated leader must stay cut off well past a new election (openraft's follower
+            // timeout is 9-12 heartbeats here) for revocations acknowledged by the new leader to
+            // meet checks at the old one: shorter isolations never tested P2.
+            let duration_ms = if name == "isolate-leader" {
+                rng.gen_range(5_000..=9_000)
+            } else {
+                rng.gen_range(1_000..=5_000)
+            };
             let kind = draw_fault(&mut rng, name, &ids, &nodes, shards);
             faults.push(Fault { at_ms, duration_ms, kind });
             // Faults follow each other with a recovery gap, so each one's RTO is its own.

@@ -39,3 +39,8 @@ fn caught(bug: &str, checker: &str, seeds: &str) {
 fn planted_skip_cascade_child_is_caught_by_p3() {
     caught("skip-cascade-child", "P3 cascade atomicity", "1..41");
 }
+
+#[test]
+fn planted_stale_leader_read_is_caught_by_p2() {
+    caught("stale-leader-read", "P2 revocation bound", "1..41");
+}
