@@ -249,15 +249,7 @@ async fn sample_leaders(addrs: BTreeMap<u64, SocketAddr>, rec: LiveRecorder) {
 fn rate_line(rec: &LiveRecorder, window_ms: u64) -> String {
     let now = rec.now_ms();
     let from = now.saturating_sub(window_ms);
-    let (ok, failed) = rec.read(|h| {
-        h.ops.iter().filter(|o| o.complete_ms >= from).fold((0u64, 0u64), |(ok, f), o| {
-            if o.ok() {
-                (ok + 1, f)
-            } else {
-                (ok, f + 1)
-            }
-        })
-    });
+    let (ok, failed) = rec.read(|h| h.outcomes_since(from));
     let per_s = |n: u64| n as f64 * 1000.0 / window_ms as f64;
     format!("last {:.0} s: {:.0} ok/s, {:.0} failed/s", window_ms as f64 / 1000.0, per_s(ok), per_s(failed))
 }

@@ -142,3 +142,17 @@ pub struct History {
     /// Final reads that no node answered, with each node's error.
     pub final_read_errors: Vec<String>,
 }
+
+impl History {
+    /// (succeeded, failed) operations that completed at or after `from_ms`, for progress lines.
+    /// Operations are recorded as they complete, so this reads only the tail of the history.
+    pub fn outcomes_since(&self, from_ms: u64) -> (u64, u64) {
+        self.ops.iter().rev().take_while(|o| o.complete_ms >= from_ms).fold((0, 0), |(ok, failed), o| {
+            if o.ok() {
+                (ok + 1, failed)
+            } else {
+                (ok, failed + 1)
+            }
+        })
+    }
+}

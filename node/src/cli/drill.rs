@@ -568,15 +568,7 @@ async fn progress_line(rec: LiveRecorder, kind: &'static str, fault_at: u64, sto
             "verifying".to_owned()
         };
         let from = now.saturating_sub(1_000);
-        let (ok, failed) = rec.read(|h| {
-            h.ops.iter().filter(|o| o.complete_ms >= from).fold((0, 0), |(ok, f), o| {
-                if o.ok() {
-                    (ok + 1, f)
-                } else {
-                    (ok, f + 1)
-                }
-            })
-        });
+        let (ok, failed) = rec.read(|h| h.outcomes_since(from));
         let line = format!(
             "[{:>6.1}s] {phase:<24} canary last 1 s: {ok:>4} ok {failed:>4} failed",
             now as f64 / 1000.0
