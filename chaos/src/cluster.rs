@@ -13,6 +13,10 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+/// Environment variable with the `RUST_LOG` filter of the node processes (default `warn`),
+/// e.g. `info,openraft=info` to see elections in `nodes/n*/node.log`.
+pub const NODE_LOG_ENV: &str = "CASCADE_CHAOS_NODE_LOG";
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -197,6 +201,7 @@ impl Cluster {
     }
 
     /// Starts (or restarts) node `id` from its config; its data dir is whatever is on disk.
+    /// Its log filter is `warn`, or the value of [`NODE_LOG_ENV`].
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.bin.clone();
         let planted = self.spec.planted_bugs.join(",");
@@ -211,7 +216,7 @@ impl Cluster {
         cmd.arg("serve")
             .arg("--config")
             .arg(&node.config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "warn".to_owned()))
             .env(cascade_core::planted::ENV, planted)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("log handle")?)

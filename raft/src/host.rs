@@ -2,6 +2,7 @@
 //! tree per shard, and an openraft group per shard, all sharing one channel per peer.
 
 use crate::disk::{Disk, FileDisk, MemDisk};
+use crate::elections::SplitVotes;
 use crate::freshness::{self, Freshness};
 use crate::kv::{KvTree, MemTree, SledTree};
 use crate::network::{NetworkFactory, Peers, ShardTable};
@@ -207,13 +208,16 @@ impl RaftHost {
             tokio::time::Instant::now()
         };
         let shards = ShardTable::default();
+        let split_votes =
+            SplitVotes::new(shards.clone(), config.heartbeat_ms, config.election_timeout_min_ms);
         let mut readers = Vec::with_capacity(usize::from(config.n_shards));
         for shard in 0..config.n_shards {
             let tree = tree_of(shard)?;
             let sm = ShardStateMachine::open(shard, tree, config.limits, observer.clone())
                 .with_context(|| format!("open state machine of shard {shard}"))?;
             readers.push(sm.reader());
-            let network = NetworkFactory { shard, peers: peers.clone() };
+            let network =
+                NetworkFactory { shard, peers: peers.clone(), split_votes: Some(split_votes.clone()) };
             let log = wal.log_store(u32::from(shard));
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, sm)
                 .await

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod disk;
+pub mod elections;
 pub mod freshness;
 pub mod host;
 pub mod kv;

@@ -4,6 +4,7 @@
 //! messages, each chunk bounded by `snapshot_max_chunk_size`.
 
 use crate::conn::{lazy_channel, Dialer};
+use crate::elections::SplitVotes;
 use crate::freshness::Freshness;
 use crate::routing::{propose_local, ProposeError};
 use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
@@ -121,13 +122,21 @@ impl Peers {
 pub struct NetworkFactory {
     pub shard: ShardId,
     pub peers: Peers,
+    /// Sees the shard's vote replies (see [`SplitVotes`]).
+    pub split_votes: Option<SplitVotes>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &CascadeNode) -> PeerConnection {
-        PeerConnection { shard: self.shard, target, addr: node.addr.clone(), peers: self.peers.clone() }
+        PeerConnection {
+            shard: self.shard,
+            target,
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
+            split_votes: self.split_votes.clone(),
+        }
     }
 }
 
@@ -137,6 +146,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     peers: Peers,
+    split_votes: Option<SplitVotes>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, CascadeNode, RaftError<NodeId, E>>>;
@@ -203,7 +213,11 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(RpcKind::Vote, &rpc, &option).await
+        let resp = self.call(RpcKind::Vote, &rpc, &option).await?;
+        if let Some(split_votes) = &self.split_votes {
+            split_votes.observe(self.shard, &rpc, &resp);
+        }
+        Ok(resp)
     }
 }
 

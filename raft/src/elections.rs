@@ -1,0 +1,180 @@
+//! Breaking split votes.
+//!
+//! openraft 0.9 draws a replica's election timeout once, when the shard starts, and waits that
+//! same time before every election it starts. Two followers that lose their leader at the same
+//! moment and happened to draw close timeouts campaign at the same moment; each has voted for
+//! itself and refuses the other, and the next round starts at the same distance apart, and the
+//! next. A chaos run (leader of a shard cut off for 14 s, 3 replicas) saw the two survivors split
+//! round after round and no leader until the old one came back.
+//!
+//! [`SplitVotes`] sees every vote reply a shard receives (through the transport). When a peer
+//! refuses because it campaigns for itself in the same term and its log is not ahead of ours, the
+//! round is a split: a new election is started after a fresh random delay in
+//! `[heartbeat, election_timeout_min)`, unless by then the shard has left that candidacy (won,
+//! or voted for someone else). The lower bound leaves time for the grants still in flight; the
+//! draw is new every round, so two candidates drift apart instead of staying in step.
+//!
+//! A refusal from a peer whose log is ahead is left to openraft: it holds back a candidate with
+//! the shorter log (`smaller_log_timeout`) so the other can win, and a quick retry would only
+//! outbid it. Refusals under a leader lease (the peer still hears from a leader) are not splits.
+//!
+//! Randomness comes from [`crate::runtime::ThreadRng`], so the simulator replays it from its seed.
+
+use crate::network::ShardTable;
+use crate::runtime::ThreadRng;
+use crate::typ::NodeId;
+use cascade_protocol::ids::ShardId;
+use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::ServerState;
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Watches vote replies and restarts split elections; one per node, shared by its shards.
+#[derive(Clone)]
+pub struct SplitVotes {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: ShardTable,
+    /// The delay before a new election after a split, drawn anew each time (ms).
+    retry_ms: Range<u64>,
+    /// The latest candidacy of each shard that got a refusal. Bound: one entry per shard.
+    candidacies: Mutex<BTreeMap<ShardId, Candidacy>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Candidacy {
+    term: u64,
+    /// A peer's log is ahead of ours: leave this round to openraft.
+    greater_log: bool,
+    /// A new election is already scheduled for this term.
+    scheduled: bool,
+}
+
+/// What a refused vote tells a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer campaigns (or voted for another candidate) in the same term; its log is not
+    /// ahead of ours.
+    Split,
+    /// The peer's log is ahead of ours.
+    GreaterLog,
+    /// Anything else: a lease, a higher term, a committed leader.
+    Other,
+}
+
+/// Classifies the reply to a vote request; `None` when the vote was granted.
+pub fn refusal(req: &VoteRequest<NodeId>, resp: &VoteResponse<NodeId>) -> Option<Refusal> {
+    if resp.vote_granted {
+        return None;
+    }
+    if resp.last_log_id > req.last_log_id {
+        return Some(Refusal::GreaterLog);
+    }
+    let ours = req.vote.leader_id();
+    let theirs = resp.vote.leader_id();
+    let split =
+        !resp.vote.is_committed() && theirs.term == ours.term && theirs.voted_for() != ours.voted_for();
+    Some(if split { Refusal::Split } else { Refusal::Other })
+}
+
+impl SplitVotes {
+    /// `heartbeat_ms` and `election_timeout_min_ms` bound the delay before a new election.
+    pub fn new(shards: ShardTable, heartbeat_ms: u64, election_timeout_min_ms: u64) -> SplitVotes {
+        let lo = heartbeat_ms.min(election_timeout_min_ms.saturating_sub(1));
+        let retry_ms = lo..election_timeout_min_ms.max(lo + 1);
+        SplitVotes { inner: Arc::new(Inner { shards, retry_ms, candidacies: Mutex::new(BTreeMap::new()) }) }
+    }
+
+    /// Called by the transport with every vote reply of `shard`.
+    pub fn observe(&self, shard: ShardId, req: &VoteRequest<NodeId>, resp: &VoteResponse<NodeId>) {
+        let Some(refusal) = refusal(req, resp) else { return };
+        let term = req.vote.leader_id().term;
+        let delay = {
+            let mut all = self.inner.candidacies.lock().unwrap_or_else(|p| p.into_inner());
+            let c = all.entry(shard).or_default();
+            if term < c.term {
+                return; // A reply to an older candidacy.
+            }
+            if term > c.term {
+                *c = Candidacy { term, ..Candidacy::default() };
+            }
+            match refusal {
+                Refusal::GreaterLog => {
+                    c.greater_log = true;
+                    return;
+                }
+                Refusal::Other => return,
+                Refusal::Split if c.greater_log || c.scheduled => return,
+                Refusal::Split => c.scheduled = true,
+            }
+            Duration::from_millis(ThreadRng.gen_range(self.inner.retry_ms.clone()))
+        };
+        let this = self.clone();
+        tokio::spawn(async move { this.campaign_again(shard, term, delay).await });
+    }
+
+    async fn campaign_again(&self, shard: ShardId, term: u64, delay: Duration) {
+        tokio::time::sleep(delay).await;
+        let greater_log = {
+            let all = self.inner.candidacies.lock().unwrap_or_else(|p| p.into_inner());
+            all.get(&shard).is_some_and(|c| c.term == term && c.greater_log)
+        };
+        let Some(raft) = self.inner.shards.get(shard) else { return };
+        let still_candidate = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Candidate && m.current_term == term
+        };
+        if greater_log || !still_candidate {
+            return;
+        }
+        tracing::info!(shard, term, delay_ms = delay.as_millis() as u64, "split vote: campaigning again");
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::warn!(shard, error = %e, "could not start an election after a split vote");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId, Vote};
+
+    fn log(term: u64, index: u64) -> Option<LogId<NodeId>> {
+        Some(LogId::new(CommittedLeaderId::new(term, 0), index))
+    }
+
+    fn req(term: u64, candidate: NodeId, last: Option<LogId<NodeId>>) -> VoteRequest<NodeId> {
+        VoteRequest::new(Vote::new(term, candidate), last)
+    }
+
+    #[test]
+    fn a_rival_candidate_in_the_same_term_is_a_split() {
+        let r = req(4, 2, log(3, 23));
+        let resp = VoteResponse::new(Vote::new(4, 3), log(3, 23), false);
+        assert_eq!(refusal(&r, &resp), Some(Refusal::Split));
+    }
+
+    #[test]
+    fn a_longer_log_is_not_a_split() {
+        let r = req(4, 2, log(3, 20));
+        let resp = VoteResponse::new(Vote::new(4, 3), log(3, 23), false);
+        assert_eq!(refusal(&r, &resp), Some(Refusal::GreaterLog));
+    }
+
+    #[test]
+    fn a_lease_or_a_higher_term_is_not_a_split() {
+        let r = req(4, 2, log(3, 23));
+        let lease = VoteResponse::new(Vote::new_committed(3, 1), log(3, 23), false);
+        assert_eq!(refusal(&r, &lease), Some(Refusal::Other));
+        let higher = VoteResponse::new(Vote::new(5, 3), log(3, 23), false);
+        assert_eq!(refusal(&r, &higher), Some(Refusal::Other));
+        let granted = VoteResponse::new(Vote::new(4, 2), log(3, 23), true);
+        assert_eq!(refusal(&r, &granted), None);
+    }
+}
