@@ -1,40 +1,50 @@
-//! Breaking split votes.
+//! Elections that end: two helpers around openraft 0.9's election timer.
 //!
-//! openraft 0.9 draws a replica's election timeout once, when the shard starts, and waits that
-//! same time before every election it starts. Two followers that lose their leader at the same
-//! moment and happened to draw close timeouts campaign at the same moment; each has voted for
-//! itself and refuses the other, and the next round starts at the same distance apart, and the
-//! next. A chaos run (leader of a shard cut off for 14 s, 3 replicas) saw the two survivors split
-//! round after round and no leader until the old one came back.
-//!
-//! [`SplitVotes`] sees every vote reply a shard receives (through the transport). When a peer
-//! refuses because it campaigns for itself in the same term and its log is not ahead of ours, the
-//! round is a split: a new election is started after a fresh random delay in
+//! **Split votes.** openraft 0.9 draws a replica's election timeout once, when the shard
+//! starts, and waits that same time before every election it starts. Two followers that lose
+//! their leader at the same moment and happened to draw close timeouts campaign at the same
+//! moment; each has voted for itself and refuses the other, and the next round starts at the
+//! same distance apart, and the next. A chaos run (leader of a shard cut off for 14 s, 3
+//! replicas) saw the two survivors split round after round and no leader until the old one came
+//! back. [`Elections`] sees every vote reply a shard receives (through the transport). When a
+//! peer refuses because it campaigns for itself in the same term and its log is not ahead of
+//! ours, the round is a split: a new election is started after a fresh random delay in
 //! `[heartbeat, election_timeout_min)`, unless by then the shard has left that candidacy (won,
 //! or voted for someone else). The lower bound leaves time for the grants still in flight; the
-//! draw is new every round, so two candidates drift apart instead of staying in step.
+//! draw is new every round, so two candidates drift apart instead of staying in step. A refusal
+//! from a peer whose log is ahead is left to openraft: it holds back a candidate with the
+//! shorter log (`smaller_log_timeout`) so the other can win, and a quick retry would only
+//! outbid it. Refusals under a leader lease are not splits.
 //!
-//! A refusal from a peer whose log is ahead is left to openraft: it holds back a candidate with
-//! the shorter log (`smaller_log_timeout`) so the other can win, and a quick retry would only
-//! outbid it. Refusals under a leader lease (the peer still hears from a leader) are not splits.
+//! **Campaigns without a quorum.** openraft 0.9 has no pre-vote. A replica cut off from its
+//! peers campaigns again and again, raising its term each time; when the link comes back, its
+//! higher term reaches the leader (in a vote request or an append-entries reply) and the leader
+//! steps down, so healing a partition cost every shard the isolated node followed an election
+//! (2-4 s without a leader). [`drive`] pings every peer each heartbeat and lets a shard's
+//! replica campaign (openraft's `enable_elect`) only while it reached a quorum of the shard's
+//! voters within the last election timeout. This only ever withholds a campaign, so it cannot
+//! break safety; an operator's `transfer-leader` is not gated.
 //!
 //! Randomness comes from [`crate::runtime::ThreadRng`], so the simulator replays it from its seed.
 
-use crate::network::ShardTable;
+use crate::network::{Peers, ShardTable};
 use crate::runtime::ThreadRng;
 use crate::typ::NodeId;
 use cascade_protocol::ids::ShardId;
+use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
+use cascade_protocol::raft_pb::ReadIndexRequest;
 use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::ServerState;
 use rand::Rng;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
-/// Watches vote replies and restarts split elections; one per node, shared by its shards.
+/// A node's election helpers, shared by its shards.
 #[derive(Clone)]
-pub struct SplitVotes {
+pub struct Elections {
     inner: Arc<Inner>,
 }
 
@@ -44,6 +54,8 @@ struct Inner {
     retry_ms: Range<u64>,
     /// The latest candidacy of each shard that got a refusal. Bound: one entry per shard.
     candidacies: Mutex<BTreeMap<ShardId, Candidacy>>,
+    /// Shards whose replica here may not campaign (no quorum in reach). Bound: the shards.
+    gated: Mutex<BTreeSet<ShardId>>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -82,12 +94,24 @@ pub fn refusal(req: &VoteRequest<NodeId>, resp: &VoteResponse<NodeId>) -> Option
     Some(if split { Refusal::Split } else { Refusal::Other })
 }
 
-impl SplitVotes {
+impl Elections {
     /// `heartbeat_ms` and `election_timeout_min_ms` bound the delay before a new election.
-    pub fn new(shards: ShardTable, heartbeat_ms: u64, election_timeout_min_ms: u64) -> SplitVotes {
+    pub fn new(shards: ShardTable, heartbeat_ms: u64, election_timeout_min_ms: u64) -> Elections {
         let lo = heartbeat_ms.min(election_timeout_min_ms.saturating_sub(1));
         let retry_ms = lo..election_timeout_min_ms.max(lo + 1);
-        SplitVotes { inner: Arc::new(Inner { shards, retry_ms, candidacies: Mutex::new(BTreeMap::new()) }) }
+        Elections {
+            inner: Arc::new(Inner {
+                shards,
+                retry_ms,
+                candidacies: Mutex::new(BTreeMap::new()),
+                gated: Mutex::new(BTreeSet::new()),
+            }),
+        }
+    }
+
+    /// Whether the replica of `shard` here may campaign (it reached a quorum lately).
+    pub fn may_campaign(&self, shard: ShardId) -> bool {
+        !self.inner.gated.lock().unwrap_or_else(|p| p.into_inner()).contains(&shard)
     }
 
     /// Called by the transport with every vote reply of `shard`.
@@ -130,12 +154,85 @@ impl SplitVotes {
             let m = m.borrow();
             m.state == ServerState::Candidate && m.current_term == term
         };
-        if greater_log || !still_candidate {
+        if greater_log || !still_candidate || !self.may_campaign(shard) {
             return;
         }
         tracing::info!(shard, term, delay_ms = delay.as_millis() as u64, "split vote: campaigning again");
         if let Err(e) = raft.trigger().elect().await {
             tracing::warn!(shard, error = %e, "could not start an election after a split vote");
+        }
+    }
+}
+
+/// Whether every configuration in `joint` (one, or two during a membership change) has a
+/// majority of its voters in `reached`.
+pub fn quorum_in_reach(joint: &[BTreeSet<NodeId>], reached: &BTreeSet<NodeId>) -> bool {
+    joint.iter().all(|voters| voters.intersection(reached).count() * 2 > voters.len())
+}
+
+/// Pings every peer each `tick` and gates campaigns (see the module docs): a replica campaigns
+/// only if it reached a quorum of its shard's voters within `reach_window`. Runs until the
+/// host stops.
+pub async fn drive(elections: Elections, peers: Peers, me: NodeId, tick: Duration, reach_window: Duration) {
+    // Last successful ping per peer. Bound: the nodes named in the shards' memberships.
+    let mut reached_at: BTreeMap<NodeId, Instant> = BTreeMap::new();
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let shards = elections.inner.shards.all();
+        let mut addrs: BTreeMap<NodeId, String> = BTreeMap::new();
+        let mut joints = Vec::with_capacity(shards.len());
+        for (shard, raft) in &shards {
+            let m = raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            for (id, node) in membership.nodes() {
+                if *id != me {
+                    addrs.insert(*id, node.addr.clone());
+                }
+            }
+            joints.push((*shard, raft.clone(), membership.get_joint_config().clone()));
+        }
+        let pings = futures::future::join_all(addrs.into_iter().map(|(id, addr)| {
+            let peers = peers.clone();
+            async move {
+                let Ok(channel) = peers.channel(&addr) else { return (id, false) };
+                let mut request = tonic::Request::new(ReadIndexRequest { shards: Vec::new() });
+                request.set_timeout(tick);
+                (id, RaftTransportClient::new(channel).read_index(request).await.is_ok())
+            }
+        }))
+        .await;
+        let now = Instant::now();
+        for (id, ok) in pings {
+            if ok {
+                reached_at.insert(id, now);
+            }
+        }
+        let reached: BTreeSet<NodeId> = reached_at
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) <= reach_window)
+            .map(|(id, _)| *id)
+            .chain(std::iter::once(me))
+            .collect();
+        for (shard, raft, joint) in joints {
+            let allow = quorum_in_reach(&joint, &reached);
+            let changed = {
+                let mut gated = elections.inner.gated.lock().unwrap_or_else(|p| p.into_inner());
+                if allow {
+                    gated.remove(&shard)
+                } else {
+                    gated.insert(shard)
+                }
+            };
+            if changed {
+                raft.runtime_config().elect(allow);
+                if allow {
+                    tracing::info!(shard, "a quorum of voters is in reach again: campaigns allowed");
+                } else {
+                    tracing::info!(shard, "no quorum of voters in reach: not campaigning");
+                }
+            }
         }
     }
 }
@@ -176,5 +273,18 @@ mod tests {
         assert_eq!(refusal(&r, &higher), Some(Refusal::Other));
         let granted = VoteResponse::new(Vote::new(4, 2), log(3, 23), true);
         assert_eq!(refusal(&r, &granted), None);
+    }
+
+    #[test]
+    fn campaigns_need_a_majority_of_every_configuration() {
+        let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<NodeId>>();
+        let three = vec![set(&[1, 2, 3])];
+        assert!(quorum_in_reach(&three, &set(&[1, 2])));
+        assert!(!quorum_in_reach(&three, &set(&[1])), "alone: no campaign");
+        assert!(!quorum_in_reach(&three, &set(&[1, 4, 5])), "non-voters do not count");
+        let joint = vec![set(&[1, 2, 3]), set(&[3, 4, 5])];
+        assert!(!quorum_in_reach(&joint, &set(&[1, 2, 3])), "the new configuration lacks a majority");
+        assert!(quorum_in_reach(&joint, &set(&[2, 3, 4])));
+        assert!(quorum_in_reach(&[set(&[1])], &set(&[1])), "a single voter always may");
     }
 }

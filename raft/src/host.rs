@@ -2,7 +2,7 @@
 //! tree per shard, and an openraft group per shard, all sharing one channel per peer.
 
 use crate::disk::{Disk, FileDisk, MemDisk};
-use crate::elections::SplitVotes;
+use crate::elections::{self, Elections};
 use crate::freshness::{self, Freshness};
 use crate::kv::{KvTree, MemTree, SledTree};
 use crate::network::{NetworkFactory, Peers, ShardTable};
@@ -208,16 +208,14 @@ impl RaftHost {
             tokio::time::Instant::now()
         };
         let shards = ShardTable::default();
-        let split_votes =
-            SplitVotes::new(shards.clone(), config.heartbeat_ms, config.election_timeout_min_ms);
+        let elections = Elections::new(shards.clone(), config.heartbeat_ms, config.election_timeout_min_ms);
         let mut readers = Vec::with_capacity(usize::from(config.n_shards));
         for shard in 0..config.n_shards {
             let tree = tree_of(shard)?;
             let sm = ShardStateMachine::open(shard, tree, config.limits, observer.clone())
                 .with_context(|| format!("open state machine of shard {shard}"))?;
             readers.push(sm.reader());
-            let network =
-                NetworkFactory { shard, peers: peers.clone(), split_votes: Some(split_votes.clone()) };
+            let network = NetworkFactory { shard, peers: peers.clone(), elections: Some(elections.clone()) };
             let log = wal.log_store(u32::from(shard));
             let raft = Raft::new(config.node_id, raft_config.clone(), network, log, sm)
                 .await
@@ -252,6 +250,15 @@ impl RaftHost {
         // A round is openraft's own heartbeat round, which gives up after `heartbeat_ms`; waiting
         // longer is useless, and a slow round holds up the next tick for every shard.
         let round_timeout = Duration::from_millis(config.heartbeat_ms).max(tick);
+        // Ping each heartbeat; a peer counts as reached for one longest election timeout, so a
+        // replica stops campaigning before its first election timer (lease + timeout) fires.
+        tasks.push(tokio::spawn(elections::drive(
+            elections.clone(),
+            peers.clone(),
+            config.node_id,
+            Duration::from_millis(config.heartbeat_ms),
+            Duration::from_millis(raft_config.election_timeout_max),
+        )));
         tasks.push(tokio::spawn(freshness::drive(
             shards.clone(),
             peers.clone(),

@@ -4,7 +4,7 @@
 //! messages, each chunk bounded by `snapshot_max_chunk_size`.
 
 use crate::conn::{lazy_channel, Dialer};
-use crate::elections::SplitVotes;
+use crate::elections::Elections;
 use crate::freshness::Freshness;
 use crate::routing::{propose_local, ProposeError};
 use crate::typ::{CascadeNode, NodeId, Raft, TypeConfig};
@@ -122,8 +122,8 @@ impl Peers {
 pub struct NetworkFactory {
     pub shard: ShardId,
     pub peers: Peers,
-    /// Sees the shard's vote replies (see [`SplitVotes`]).
-    pub split_votes: Option<SplitVotes>,
+    /// Sees the shard's vote replies (see [`Elections`]).
+    pub elections: Option<Elections>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -135,7 +135,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             peers: self.peers.clone(),
-            split_votes: self.split_votes.clone(),
+            elections: self.elections.clone(),
         }
     }
 }
@@ -146,7 +146,7 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     peers: Peers,
-    split_votes: Option<SplitVotes>,
+    elections: Option<Elections>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, CascadeNode, RaftError<NodeId, E>>>;
@@ -214,8 +214,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         let resp = self.call(RpcKind::Vote, &rpc, &option).await?;
-        if let Some(split_votes) = &self.split_votes {
-            split_votes.observe(self.shard, &rpc, &resp);
+        if let Some(elections) = &self.elections {
+            elections.observe(self.shard, &rpc, &resp);
         }
         Ok(resp)
     }

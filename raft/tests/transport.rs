@@ -41,12 +41,12 @@ async fn vote_round_trips_and_unknown_shard_fails() {
     tokio::time::sleep_until(host.votes_from).await;
     // A stale candidate (term 0) is refused, and the answer carries the shard's current vote.
     let mut shard0 =
-        NetworkFactory { shard: 0, peers: peers.clone(), split_votes: None }.new_client(1, &node).await;
+        NetworkFactory { shard: 0, peers: peers.clone(), elections: None }.new_client(1, &node).await;
     let resp = shard0.vote(VoteRequest::new(Vote::new(0, 7), None), option.clone()).await.expect("vote rpc");
     assert!(!resp.vote_granted);
     assert!(resp.vote.leader_id().term >= 1, "{:?}", resp.vote);
 
-    let mut shard9 = NetworkFactory { shard: 9, peers, split_votes: None }.new_client(1, &node).await;
+    let mut shard9 = NetworkFactory { shard: 9, peers, elections: None }.new_client(1, &node).await;
     let err = shard9.vote(VoteRequest::new(Vote::new(0, 7), None), option).await.expect_err("no shard 9");
     assert!(err.to_string().contains("shard 9"), "{err}");
 
