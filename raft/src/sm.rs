@@ -36,6 +36,18 @@ const KEY_SNAP_META: &[u8] = b"m/snap_meta";
 const KEY_SNAP_DATA: &[u8] = b"m/snap_data";
 const PREFIX_USER: &[u8] = b"u/";
 const PREFIX_SESSION: &[u8] = b"s/";
+/// Revocation events by (log index, position in the entry): what `WatchRevocations` streams.
+const PREFIX_EVENT: &[u8] = b"e/";
+/// Local to this replica: every event with a log index above this is in the tree (older ones
+/// were pruned, or precede a snapshot this replica installed).
+const KEY_EVENTS_AFTER: &[u8] = b"m/events_after";
+/// Revocation events are kept for this many log entries behind the applied index, per shard; a
+/// subscriber further behind starts again from a snapshot.
+pub const EVENT_LOG_WINDOW: u64 = 100_000;
+/// Event keys pruned per applied batch at most, besides as many as the batch added.
+const EVENT_PRUNE_PER_BATCH: usize = 256;
+/// Keys read per storage scan when streaming events.
+const EVENT_SCAN_PAGE: usize = 512;
 /// Users read per scan page when building a snapshot.
 const SNAPSHOT_SCAN_PAGE: usize = 4096;
 
@@ -80,6 +92,38 @@ pub struct ShardReader {
 struct Shared {
     meta: RwLock<Arc<ShardMeta>>,
     applied_index: AtomicU64,
+    events_after: AtomicU64,
+}
+
+fn event_key(index: u64, position: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PREFIX_EVENT.len() + 12);
+    k.extend_from_slice(PREFIX_EVENT);
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+fn event_index(key: &[u8]) -> Option<u64> {
+    let bytes = key.strip_prefix(PREFIX_EVENT)?.get(..8)?;
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Revocation events of a shard after a cursor (see [`ShardReader::events_since`]).
+#[derive(Debug)]
+pub struct EventPage {
+    /// Events in log order, each with the index of the entry that produced it.
+    pub events: Vec<(u64, RevocationEvent)>,
+    /// The subscriber has now seen every event up to this log index.
+    pub through: u64,
+}
+
+/// Why events after a cursor cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("events up to log index {events_after} are no longer kept on this replica")]
+    Pruned { events_after: u64 },
+    #[error("reading revocation events: {0}")]
+    Io(#[from] io::Error),
 }
 
 impl ShardReader {
@@ -105,6 +149,59 @@ impl ShardReader {
             Some(bytes) => codec::decode(&bytes).map(Some).map_err(io::Error::other),
         }
     }
+
+    /// Every event with a log index above this is kept here (a cursor below it is too old).
+    pub fn events_after(&self) -> u64 {
+        self.shared.events_after.load(Ordering::Acquire)
+    }
+
+    /// The revocation events after log index `cursor`, in log order: about `limit` of them
+    /// (never part of an entry's events), up to the applied index.
+    pub fn events_since(&self, cursor: u64, limit: usize) -> Result<EventPage, EventsError> {
+        // Applied first: every event at or below it is already written.
+        let applied = self.applied_index();
+        let check_kept = |reader: &ShardReader| match reader.events_after() {
+            kept if cursor < kept => Err(EventsError::Pruned { events_after: kept }),
+            _ => Ok(()),
+        };
+        check_kept(self)?;
+        let mut events = Vec::new();
+        let mut from = event_key(cursor, u32::MAX);
+        let mut through = applied;
+        'scan: loop {
+            let page = self.tree.scan(PREFIX_EVENT, Some(&from), EVENT_SCAN_PAGE)?;
+            let full = page.len() == EVENT_SCAN_PAGE;
+            for (key, value) in page {
+                let index = event_index(&key).ok_or_else(|| io::Error::other("malformed event key"))?;
+                if index > applied {
+                    break 'scan;
+                }
+                let last = events.last().map(|(i, _)| *i);
+                if events.len() >= limit && last != Some(index) {
+                    through = last.unwrap_or(cursor);
+                    break 'scan;
+                }
+                events.push((index, codec::decode(&value).map_err(io::Error::other)?));
+                from = key;
+            }
+            if !full {
+                break;
+            }
+        }
+        // Pruning may have run meanwhile: only what is still guaranteed counts.
+        check_kept(self)?;
+        Ok(EventPage { events, through: through.max(cursor) })
+    }
+
+    /// Up to `limit` users after `after`, in key order (for watch snapshots).
+    pub fn users_page(&self, after: Option<&UserKey>, limit: usize) -> io::Result<Vec<UserState>> {
+        let after = after.map(user_key_bytes);
+        self.tree
+            .scan(PREFIX_USER, after.as_deref(), limit)?
+            .into_iter()
+            .map(|(_, v)| codec::decode(&v).map_err(io::Error::other))
+            .collect()
+    }
 }
 
 /// Contents of a snapshot: the whole shard. The session index is rebuilt from the users.
@@ -124,6 +221,8 @@ pub struct ShardStateMachine {
     meta: ShardMeta,
     shared: Arc<Shared>,
     observer: Option<Arc<dyn ApplyObserver>>,
+    /// See [`KEY_EVENTS_AFTER`].
+    events_after: u64,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -163,11 +262,23 @@ impl ShardStateMachine {
         let applied: Option<LogId> = get_decoded::<Option<LogId>>(&*tree, KEY_APPLIED)?.flatten();
         let membership = get_decoded(&*tree, KEY_MEMBERSHIP)?.unwrap_or_default();
         let meta: ShardMeta = get_decoded(&*tree, KEY_META)?.unwrap_or_default();
+        let events_after: u64 = get_decoded(&*tree, KEY_EVENTS_AFTER)?.unwrap_or(0);
         let shared = Arc::new(Shared {
             meta: RwLock::new(Arc::new(meta.clone())),
             applied_index: AtomicU64::new(applied.map_or(0, |l| l.index)),
+            events_after: AtomicU64::new(events_after),
         });
-        Ok(ShardStateMachine { shard, tree, limits, applied, membership, meta, shared, observer })
+        Ok(ShardStateMachine {
+            shard,
+            tree,
+            limits,
+            applied,
+            membership,
+            meta,
+            shared,
+            observer,
+            events_after,
+        })
     }
 
     pub fn reader(&self) -> ShardReader {
@@ -177,6 +288,31 @@ impl ShardStateMachine {
     fn publish(&self) {
         *self.shared.meta.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(self.meta.clone());
         self.shared.applied_index.store(self.applied.map_or(0, |l| l.index), Ordering::Release);
+        self.shared.events_after.store(self.events_after, Ordering::Release);
+    }
+
+    /// Deletes (some of) the events older than [`EVENT_LOG_WINDOW`] entries; `extra` more keys
+    /// than the batch budget may go, so pruning keeps up with what a batch adds.
+    fn prune_events(&mut self, writes: &mut Vec<Write>, extra: usize) -> Result<(), StorageError> {
+        let applied = self.applied.map_or(0, |l| l.index);
+        let threshold = applied.saturating_sub(EVENT_LOG_WINDOW);
+        if threshold == 0 {
+            return Ok(());
+        }
+        let page = self.tree.scan(PREFIX_EVENT, None, EVENT_PRUNE_PER_BATCH + extra).map_err(read_err)?;
+        for (key, _) in page {
+            if event_index(&key).is_none_or(|i| i > threshold) {
+                break;
+            }
+            writes.push((key, None));
+        }
+        // Whatever is left at or below the threshold is pruned by later batches; nothing above
+        // it is touched, so the promise holds from here on.
+        if threshold > self.events_after {
+            self.events_after = threshold;
+            writes.push((KEY_EVENTS_AFTER.to_vec(), Some(encoded(&threshold)?)));
+        }
+        Ok(())
     }
 
     fn pointer_writes(&self) -> Result<Vec<Write>, StorageError> {
@@ -324,6 +460,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         };
         let mut results = Vec::new();
         let mut events = Vec::new();
+        let mut event_writes: Vec<Write> = Vec::new();
         for entry in entries {
             self.applied = Some(entry.log_id);
             match entry.payload {
@@ -342,6 +479,10 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         )));
                     }
                     let applied = cascade_core::apply(&mut view, &self.limits, &envelope);
+                    for (position, event) in applied.events.iter().enumerate() {
+                        let position = u32::try_from(position).unwrap_or(u32::MAX);
+                        event_writes.push((event_key(entry.log_id.index, position), Some(encoded(event)?)));
+                    }
                     events.extend(applied.events.iter().cloned());
                     results.push(applied);
                 }
@@ -362,6 +503,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         for (id, owner) in index {
             writes.push((session_key_bytes(&id), owner.as_ref().map(encoded).transpose()?));
         }
+        let added = event_writes.len();
+        writes.append(&mut event_writes);
+        self.prune_events(&mut writes, added)?;
         self.tree.apply_batch(writes).map_err(write_err)?;
         self.publish();
         if let Some(observer) = &self.observer {
@@ -396,10 +540,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         self.tree.clear_prefix(PREFIX_USER).map_err(write_err)?;
         self.tree.clear_prefix(PREFIX_SESSION).map_err(write_err)?;
+        self.tree.clear_prefix(PREFIX_EVENT).map_err(write_err)?;
         self.meta = body.meta;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        // A snapshot carries state, not history: events before it are not on this replica.
+        self.events_after = self.applied.map_or(0, |l| l.index);
         let mut writes = self.pointer_writes()?;
+        writes.push((KEY_EVENTS_AFTER.to_vec(), Some(encoded(&self.events_after)?)));
         for user in &body.users {
             for id in user.sessions.keys() {
                 writes.push((session_key_bytes(id), Some(encoded(&user.key)?)));
@@ -454,5 +602,83 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
         // is told the snapshot exists and may purge the log behind it.
         self.tree.sync().map_err(write_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemTree;
+    use cascade_protocol::command::{Command, Envelope, Reason, Revocation, WatermarkScope};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn watermark(index: u64, tenant: &str) -> Entry {
+        let command = Command::SetWatermark {
+            scope: WatermarkScope::Tenant { tenant: tenant.to_owned() },
+            not_before_ms: 1_000 + index,
+            revocation: Revocation::new(Reason::Compromised, "responder", "test"),
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Envelope::new(2_000 + index, command)),
+        }
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn tenant_of(e: &RevocationEvent) -> String {
+        match e {
+            RevocationEvent::Watermark { scope: WatermarkScope::Tenant { tenant }, .. } => tenant.clone(),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+
+    /// Events are kept by log index and read back after a cursor, in order, without the ones
+    /// the cursor already covers; a page never splits an entry and says how far it got.
+    #[tokio::test]
+    async fn events_are_read_after_a_cursor() {
+        let tree: Arc<dyn KvTree> = Arc::new(MemTree::default());
+        let mut sm = ShardStateMachine::open(0, tree, Limits::default(), None).expect("open");
+        sm.apply(vec![blank(1), watermark(2, "a"), blank(3), watermark(4, "b"), watermark(5, "c")])
+            .await
+            .expect("apply");
+        let reader = sm.reader();
+        let all = reader.events_since(0, 100).expect("read");
+        let got: Vec<(u64, String)> = all.events.iter().map(|(i, e)| (*i, tenant_of(e))).collect();
+        assert_eq!(got, vec![(2, "a".to_owned()), (4, "b".to_owned()), (5, "c".to_owned())]);
+        assert_eq!(all.through, 5);
+        let after = reader.events_since(2, 100).expect("read");
+        assert_eq!(after.events.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![4, 5]);
+        let page = reader.events_since(0, 1).expect("read");
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(page.through, 2, "a full page stops at the entry it ended on");
+        let rest = reader.events_since(page.through, 100).expect("read");
+        assert_eq!(rest.events.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![4, 5]);
+        assert!(reader.events_since(5, 100).expect("read").events.is_empty());
+    }
+
+    /// Events older than the window are pruned, and a cursor that old is refused, not served
+    /// with a gap.
+    #[tokio::test]
+    async fn old_events_are_pruned_and_old_cursors_refused() {
+        let tree: Arc<dyn KvTree> = Arc::new(MemTree::default());
+        let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
+        sm.apply(vec![watermark(1, "a"), watermark(2, "b")]).await.expect("apply");
+        let far = EVENT_LOG_WINDOW + 2;
+        sm.apply(vec![watermark(far, "c")]).await.expect("apply");
+        let reader = sm.reader();
+        assert_eq!(reader.events_after(), 2);
+        match reader.events_since(1, 100) {
+            Err(EventsError::Pruned { events_after: 2 }) => {}
+            other => panic!("expected Pruned, got {other:?}"),
+        }
+        let kept = reader.events_since(2, 100).expect("read");
+        assert_eq!(kept.events.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![far]);
+        assert_eq!(tree.scan(PREFIX_EVENT, None, 10).expect("scan").len(), 1, "old keys deleted");
+        // The promise survives a restart.
+        let reopened = ShardStateMachine::open(0, tree, Limits::default(), None).expect("reopen");
+        assert_eq!(reopened.reader().events_after(), 2);
     }
 }
