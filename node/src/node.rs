@@ -4,6 +4,7 @@ use crate::actors::shard_actor::ShardArgs;
 use crate::actors::supervisor::{DirectoryObserver, NodeSupervisor, ShardDirectory, SupervisorArgs};
 use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
+use crate::api::watch::{WatchHub, WatchObserver};
 use crate::config::NodeConfig;
 use crate::seams::{Clock, OffsetClock, Seams};
 use anyhow::Context;
@@ -30,7 +31,9 @@ pub async fn run(
     config.validate()?;
     let limits = config.limits.to_limits()?;
     let directory = ShardDirectory::default();
-    let observer = Arc::new(DirectoryObserver(directory.clone()));
+    let watch = Arc::new(WatchHub::default());
+    let observer =
+        Arc::new(WatchObserver { directory: DirectoryObserver(directory.clone()), hub: watch.clone() });
     let host_config = HostConfig {
         node_id: config.node_id,
         node: CascadeNode { addr: config.advertise_addr(), region: config.region.clone() },
@@ -82,6 +85,7 @@ pub async fn run(
 
     let mut ctx = NodeCtx::new(&config, directory, host.clone(), clock, seams.entropy);
     ctx.clock_offset_ms = clock_offset_ms;
+    ctx.watch = watch;
     let ctx = Arc::new(ctx);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;

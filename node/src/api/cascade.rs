@@ -78,7 +78,7 @@ fn reason_from_pb(code: i32) -> Result<Reason, ApiError> {
     })
 }
 
-fn reason_to_pb(r: Reason) -> pb::ReasonCode {
+pub(crate) fn reason_to_pb(r: Reason) -> pb::ReasonCode {
     use pb::ReasonCode as R;
     match r {
         Reason::Unspecified => R::ReasonUnspecified,
@@ -235,6 +235,15 @@ impl CascadeService {
 
 #[tonic::async_trait]
 impl Cascade for CascadeService {
+    type WatchRevocationsStream = crate::api::watch::WatchStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Reply<Self::WatchRevocationsStream> {
+        crate::api::watch::watch(self.ctx.clone(), request.into_inner()).map(Response::new)
+    }
+
     async fn check_session(
         &self,
         request: Request<pb::CheckSessionRequest>,

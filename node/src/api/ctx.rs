@@ -66,6 +66,8 @@ pub struct NodeCtx {
     pub incarnation: u64,
     /// The cluster's nodes as configured (besides those in local shard memberships).
     configured_nodes: std::collections::BTreeMap<u64, String>,
+    /// Shared by the node's `WatchRevocations` streams.
+    pub watch: Arc<crate::api::watch::WatchHub>,
 }
 
 /// Holds one unit of a shard's in-flight bound until dropped.
@@ -108,6 +110,7 @@ impl NodeCtx {
             shard_map: ShardMap::default(),
             incarnation,
             configured_nodes: config.cluster.nodes.iter().map(|n| (n.id, n.addr.clone())).collect(),
+            watch: Arc::default(),
         }
     }
 

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod ctx;
 pub mod shard_map;
 pub mod status;
+pub mod watch;

@@ -1,0 +1,411 @@
+//! `WatchRevocations`: revocations pushed to gateways as they apply, from the shards this node
+//! holds a replica of.
+//!
+//! Events come from each shard's event log (raft/src/sm.rs), read after the subscriber's
+//! cursor (a Raft log index), never from a per-subscriber buffer: a subscriber costs a task, a
+//! queue of [`WATCH_QUEUE_MAX`] messages and its cursors, however far behind it is. The task
+//! wakes when a batch with events applies ([`WatchHub`]) and every heartbeat (a fifth of the
+//! revocation bound), which carries every shard's cursor and whether the replica can prove it
+//! is fresh (P2). A subscriber whose queue stays full for [`WATCH_SLOW_CUTOFF`] is cut off with
+//! RESOURCE_EXHAUSTED and resumes from its cursors.
+//!
+//! A shard without a cursor starts with a snapshot: its watermarks and its revoked sessions not
+//! yet expired, read page by page while writes go on, then the events after the index read
+//! before the snapshot began. An event may repeat what the snapshot already showed; applying a
+//! revocation twice changes nothing.
+
+use crate::actors::supervisor::DirectoryObserver;
+use crate::api::cascade::reason_to_pb;
+use crate::api::ctx::NodeCtx;
+use cascade_core::model::ShardMeta;
+use cascade_core::model::UserState;
+use cascade_protocol::command::{Reason, WatermarkScope};
+use cascade_protocol::ids::{ShardId, UserKey};
+use cascade_protocol::outcome::RevocationEvent;
+use cascade_protocol::pb;
+use cascade_raft::sm::{ApplyObserver, EventsError, ShardReader};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+/// Subscribers one node serves at once; more get RESOURCE_EXHAUSTED.
+pub const WATCH_SUBSCRIBERS_MAX: usize = 4096;
+/// Messages queued per subscriber (one more slot is kept for the status that cuts it off).
+pub const WATCH_QUEUE_MAX: usize = 64;
+/// Events per message at most (a message never splits the events of one log entry).
+pub const WATCH_EVENTS_PER_MESSAGE: usize = 256;
+/// How long a subscriber's queue may stay full before it is cut off.
+pub const WATCH_SLOW_CUTOFF: Duration = Duration::from_secs(2);
+/// Users read per storage page while streaming a snapshot.
+const SNAPSHOT_USERS_PAGE: usize = 256;
+
+/// What the watch streams of a node share: a wake-up when events apply, and the subscriber count.
+#[derive(Default)]
+pub struct WatchHub {
+    applied: Notify,
+    subscribers: AtomicUsize,
+}
+
+impl WatchHub {
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+}
+
+/// The node's state-machine observer: the actors' one, plus a wake-up for watch streams.
+pub struct WatchObserver {
+    pub directory: DirectoryObserver,
+    pub hub: Arc<WatchHub>,
+}
+
+impl ApplyObserver for WatchObserver {
+    fn on_applied(
+        &self,
+        shard: ShardId,
+        applied_index: u64,
+        users: &[(UserKey, Option<Arc<UserState>>)],
+        events: &[RevocationEvent],
+    ) {
+        self.directory.on_applied(shard, applied_index, users, events);
+        if !events.is_empty() {
+            self.hub.applied.notify_waiters();
+        }
+    }
+}
+
+pub type WatchStream = ReceiverStream<Result<pb::WatchRevocationsMessage, Status>>;
+
+/// Counts a subscriber for as long as its task runs.
+struct Subscribed(Arc<WatchHub>);
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a stream stopped: the subscriber left, or it gets a status.
+enum Stop {
+    Gone,
+    Status(Status),
+}
+
+/// Validates the request and starts the subscriber's task.
+pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<WatchStream, Status> {
+    let mut cursors: BTreeMap<ShardId, Option<u64>> = BTreeMap::new();
+    if req.cursors.len() > usize::from(ctx.n_shards) {
+        return Err(Status::invalid_argument(format!(
+            "cursors: {} given, the cluster has {} shards",
+            req.cursors.len(),
+            ctx.n_shards
+        )));
+    }
+    for c in &req.cursors {
+        let shard = ShardId::try_from(c.shard)
+            .ok()
+            .filter(|s| *s < ctx.n_shards)
+            .ok_or_else(|| Status::invalid_argument(format!("cursors: no shard {}", c.shard)))?;
+        if !ctx.is_replica(shard) {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no replica of shard {shard}: watch it on a node that does",
+                ctx.node_id
+            )));
+        }
+        if cursors.insert(shard, Some(c.index)).is_some() {
+            return Err(Status::invalid_argument(format!("cursors: shard {shard} given twice")));
+        }
+    }
+    for shard in (0..ctx.n_shards).filter(|s| ctx.is_replica(*s)) {
+        cursors.entry(shard).or_insert(None);
+    }
+    let hub = ctx.watch.clone();
+    if hub.subscribers.fetch_add(1, Ordering::Relaxed) >= WATCH_SUBSCRIBERS_MAX {
+        hub.subscribers.fetch_sub(1, Ordering::Relaxed);
+        return Err(Status::resource_exhausted(format!(
+            "node {} already serves {WATCH_SUBSCRIBERS_MAX} watch subscribers",
+            ctx.node_id
+        )));
+    }
+    let subscribed = Subscribed(hub);
+    let (tx, rx) = mpsc::channel(WATCH_QUEUE_MAX + 1);
+    tokio::spawn(async move {
+        let _subscribed = subscribed;
+        if let Err(Stop::Status(status)) = serve(&ctx, cursors, &tx).await {
+            // Data is sent only while two slots are free, so this one always fits.
+            let _ = tx.try_send(Err(status));
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+type Tx = mpsc::Sender<Result<pb::WatchRevocationsMessage, Status>>;
+
+async fn send(tx: &Tx, msg: pb::WatchRevocationsMessage) -> Result<(), Stop> {
+    match tokio::time::timeout(WATCH_SLOW_CUTOFF, tx.reserve_many(2)).await {
+        Ok(Ok(mut permits)) => {
+            if let Some(permit) = permits.next() {
+                permit.send(Ok(msg));
+            }
+            Ok(())
+        }
+        Ok(Err(_closed)) => Err(Stop::Gone),
+        Err(_elapsed) => Err(Stop::Status(Status::resource_exhausted(format!(
+            "watch subscriber too slow: its queue of {WATCH_QUEUE_MAX} messages stayed full for {} ms; \
+             resume with the cursors of the last message received",
+            WATCH_SLOW_CUTOFF.as_millis()
+        )))),
+    }
+}
+
+fn reader(ctx: &NodeCtx, shard: ShardId) -> Result<&ShardReader, Stop> {
+    ctx.host
+        .reader(shard)
+        .ok_or_else(|| Stop::Status(Status::internal(format!("shard {shard} has no reader"))))
+}
+
+fn progress(ctx: &NodeCtx, shard: ShardId, index: u64) -> pb::ShardProgress {
+    let staleness = ctx.staleness_ms(shard);
+    pb::ShardProgress {
+        shard: u32::from(shard),
+        index,
+        fresh: staleness.is_some(),
+        staleness_bound_ms: staleness.unwrap_or(0),
+    }
+}
+
+async fn serve(ctx: &NodeCtx, cursors: BTreeMap<ShardId, Option<u64>>, tx: &Tx) -> Result<(), Stop> {
+    let mut at: BTreeMap<ShardId, u64> = BTreeMap::new();
+    for (shard, cursor) in cursors {
+        let index = match cursor {
+            Some(index) => index,
+            None => snapshot(ctx, shard, tx).await?,
+        };
+        at.insert(shard, index);
+    }
+    let heartbeat = Duration::from_millis((ctx.host.freshness.bound_ms / 5).max(10));
+    let mut next_heartbeat = tokio::time::Instant::now();
+    loop {
+        // Registered before reading, so an apply in between still wakes us.
+        let applied = ctx.watch.applied.notified();
+        tokio::pin!(applied);
+        applied.as_mut().enable();
+        for (shard, cursor) in at.iter_mut() {
+            drain(ctx, *shard, cursor, tx).await?;
+        }
+        if tokio::time::Instant::now() >= next_heartbeat {
+            let progress = at.iter().map(|(shard, index)| progress(ctx, *shard, *index)).collect();
+            send(tx, message(ctx, Vec::new(), progress, Vec::new())).await?;
+            next_heartbeat = tokio::time::Instant::now() + heartbeat;
+        }
+        tokio::select! {
+            _ = &mut applied => {}
+            _ = tokio::time::sleep_until(next_heartbeat) => {}
+            _ = tx.closed() => return Err(Stop::Gone),
+        }
+    }
+}
+
+/// Sends the events of `shard` after `cursor`, advancing it.
+async fn drain(ctx: &NodeCtx, shard: ShardId, cursor: &mut u64, tx: &Tx) -> Result<(), Stop> {
+    let reader = reader(ctx, shard)?;
+    while *cursor < reader.applied_index() {
+        let page = match reader.events_since(*cursor, WATCH_EVENTS_PER_MESSAGE) {
+            Ok(page) => page,
+            Err(EventsError::Pruned { events_after }) => {
+                return Err(Stop::Status(Status::out_of_range(format!(
+                    "shard {shard}: cursor {} is older than the events this replica keeps (after index \
+                     {events_after}); resubscribe without a cursor for a fresh snapshot",
+                    *cursor
+                ))))
+            }
+            Err(e) => return Err(Stop::Status(Status::internal(format!("shard {shard}: {e}")))),
+        };
+        if page.events.is_empty() {
+            *cursor = page.through;
+            break;
+        }
+        let events = page.events.iter().map(|(index, e)| event_to_pb(shard, *index, e)).collect();
+        send(tx, message(ctx, events, vec![progress(ctx, shard, page.through)], Vec::new())).await?;
+        *cursor = page.through;
+    }
+    Ok(())
+}
+
+/// Streams the snapshot of `shard`; returns the cursor the events continue from.
+async fn snapshot(ctx: &NodeCtx, shard: ShardId, tx: &Tx) -> Result<u64, Stop> {
+    let reader = reader(ctx, shard)?;
+    let index = reader.applied_index();
+    let now_ms = ctx.clock.now_ms();
+    let mut events = meta_watermarks(shard, &reader.meta());
+    let mut after: Option<UserKey> = None;
+    loop {
+        let page = reader
+            .users_page(after.as_ref(), SNAPSHOT_USERS_PAGE)
+            .map_err(|e| Stop::Status(Status::internal(format!("shard {shard}: snapshot: {e}"))))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for user in &page {
+            user_revocations(shard, user, now_ms, &mut events);
+        }
+        while events.len() >= WATCH_EVENTS_PER_MESSAGE {
+            let rest = events.split_off(WATCH_EVENTS_PER_MESSAGE);
+            send(tx, message(ctx, std::mem::replace(&mut events, rest), Vec::new(), Vec::new())).await?;
+        }
+    }
+    let done = vec![u32::from(shard)];
+    send(tx, message(ctx, events, vec![progress(ctx, shard, index)], done)).await?;
+    Ok(index)
+}
+
+fn message(
+    ctx: &NodeCtx,
+    events: Vec<pb::RevocationEvent>,
+    progress: Vec<pb::ShardProgress>,
+    snapshot_done: Vec<u32>,
+) -> pb::WatchRevocationsMessage {
+    pb::WatchRevocationsMessage { events, progress, snapshot_done, node_id: ctx.node_id }
+}
+
+fn watermark_pb(scope: &WatermarkScope, watermark_ms: u64) -> pb::WatermarkEvent {
+    let mut w = pb::WatermarkEvent { watermark_ms, ..Default::default() };
+    let kind = match scope {
+        WatermarkScope::Tenant { tenant } => {
+            w.tenant = tenant.clone();
+            pb::WatermarkScope::Tenant
+        }
+        WatermarkScope::Client { tenant, client_id } => {
+            w.tenant = tenant.clone();
+            w.client_id = client_id.clone();
+            pb::WatermarkScope::Client
+        }
+        WatermarkScope::User { user } => {
+            w.tenant = user.tenant.clone();
+            w.user_id = user.user_id.clone();
+            pb::WatermarkScope::User
+        }
+        WatermarkScope::Device { user, device_id } => {
+            w.tenant = user.tenant.clone();
+            w.user_id = user.user_id.clone();
+            w.device_id = device_id.clone();
+            pb::WatermarkScope::Device
+        }
+    };
+    w.set_scope(kind);
+    w
+}
+
+fn event(
+    shard: ShardId,
+    index: u64,
+    reason: Reason,
+    actor: &str,
+    at_ms: u64,
+    what: pb::revocation_event::What,
+) -> pb::RevocationEvent {
+    pb::RevocationEvent {
+        shard: u32::from(shard),
+        index,
+        reason: reason_to_pb(reason) as i32,
+        actor: actor.to_owned(),
+        at_ms,
+        what: Some(what),
+    }
+}
+
+/// A revocation event of the log, for the wire.
+pub fn event_to_pb(shard: ShardId, index: u64, e: &RevocationEvent) -> pb::RevocationEvent {
+    use pb::revocation_event::What;
+    match e {
+        RevocationEvent::Session { session_id, user, reason, actor, at_ms } => {
+            let what = What::Session(pb::RevokedSessionEvent {
+                session_id: session_id.to_string(),
+                tenant: user.tenant.clone(),
+                user_id: user.user_id.clone(),
+            });
+            event(shard, index, *reason, actor, *at_ms, what)
+        }
+        RevocationEvent::Watermark { scope, watermark_ms, reason, actor, at_ms } => {
+            event(shard, index, *reason, actor, *at_ms, What::Watermark(watermark_pb(scope, *watermark_ms)))
+        }
+    }
+}
+
+/// Tenant and client watermarks of a shard, as snapshot events.
+fn meta_watermarks(shard: ShardId, meta: &ShardMeta) -> Vec<pb::RevocationEvent> {
+    use pb::revocation_event::What;
+    let tenants =
+        meta.tenants.iter().map(|(tenant, &ms)| (WatermarkScope::Tenant { tenant: tenant.clone() }, ms));
+    let clients = meta.clients.iter().flat_map(|(tenant, clients)| {
+        clients.iter().map(move |(client_id, &ms)| {
+            (WatermarkScope::Client { tenant: tenant.clone(), client_id: client_id.clone() }, ms)
+        })
+    });
+    tenants
+        .chain(clients)
+        .filter(|(_, ms)| *ms > 0)
+        .map(|(scope, ms)| {
+            event(shard, 0, Reason::Watermark, "", ms, What::Watermark(watermark_pb(&scope, ms)))
+        })
+        .collect()
+}
+
+/// A user's watermarks and revoked sessions not yet expired, as snapshot events.
+fn user_revocations(shard: ShardId, user: &UserState, now_ms: u64, out: &mut Vec<pb::RevocationEvent>) {
+    use pb::revocation_event::What;
+    if user.watermark_ms > 0 {
+        let scope = WatermarkScope::User { user: user.key.clone() };
+        let what = What::Watermark(watermark_pb(&scope, user.watermark_ms));
+        out.push(event(shard, 0, Reason::Watermark, "", user.watermark_ms, what));
+    }
+    for device in user.devices.values().filter(|d| d.watermark_ms > 0) {
+        let scope = WatermarkScope::Device { user: user.key.clone(), device_id: device.device_id.clone() };
+        let what = What::Watermark(watermark_pb(&scope, device.watermark_ms));
+        out.push(event(shard, 0, Reason::Watermark, "", device.watermark_ms, what));
+    }
+    for s in user.sessions.values().filter(|s| s.expires_at_ms > now_ms) {
+        let Some(revoked) = &s.revoked else { continue };
+        let what = What::Session(pb::RevokedSessionEvent {
+            session_id: s.id.to_string(),
+            tenant: user.key.tenant.clone(),
+            user_id: user.key.user_id.clone(),
+        });
+        out.push(event(shard, 0, revoked.reason, &revoked.actor, revoked.at_ms, what));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> pb::WatchRevocationsMessage {
+        pb::WatchRevocationsMessage::default()
+    }
+
+    /// A subscriber that stops reading fills its queue and is cut off after the grace time,
+    /// and the status that says so still fits in the queue.
+    #[tokio::test]
+    async fn a_slow_subscriber_is_cut_off_and_told_why() {
+        let (tx, mut rx) = mpsc::channel(WATCH_QUEUE_MAX + 1);
+        for i in 0..WATCH_QUEUE_MAX {
+            assert!(send(&tx, msg()).await.is_ok(), "message {i} fits");
+        }
+        let started = tokio::time::Instant::now();
+        match send(&tx, msg()).await {
+            Err(Stop::Status(s)) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                assert!(s.message().contains("resume"), "{}", s.message());
+                tx.try_send(Err(s)).expect("the status fits");
+            }
+            _ => panic!("a full queue must cut the subscriber off"),
+        }
+        assert!(started.elapsed() >= WATCH_SLOW_CUTOFF);
+        for _ in 0..WATCH_QUEUE_MAX {
+            assert!(rx.recv().await.expect("queued").is_ok());
+        }
+        assert!(rx.recv().await.expect("status queued").is_err());
+    }
+}
