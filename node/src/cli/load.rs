@@ -332,7 +332,9 @@ mod tests {
     use super::*;
 
     /// `cascade load --local` works on a fresh machine: sessions are stored and every check of
-    /// them answers VALID, without errors.
+    /// them that is answered is VALID. A replica starved of CPU (debug build, tests in parallel
+    /// on 2 cores) may briefly fail to prove freshness and refuse with UNAVAILABLE, as P2
+    /// demands; only that refusal is allowed, and only rarely (a CI run saw 20 of 6,947).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_local_load_run_checks_valid_sessions() {
         let timeout = Duration::from_secs(5);
@@ -350,8 +352,12 @@ mod tests {
                 let report = run_load(&args, &node.url(), timeout).await.expect("load run").to_json();
                 node.stop().await.expect("local node stops cleanly");
                 assert_eq!(report["sessions_stored"], 50, "{report}");
-                assert_eq!(report["check_errors"], 0, "{report}");
-                assert!(report["checks"].as_u64().unwrap_or(0) > 0, "{report}");
+                let checks = report["checks"].as_u64().unwrap_or(0);
+                let errors = report["check_errors"].as_u64().unwrap_or(u64::MAX);
+                assert!(checks > 0, "{report}");
+                assert!(errors * 20 <= checks, "more than 5% of checks failed: {report}");
+                let unavailable = report["errors"]["UNAVAILABLE"].as_u64().unwrap_or(0);
+                assert_eq!(errors, unavailable, "only freshness refusals are allowed: {report}");
                 assert_eq!(report["statuses"]["VALID"], report["checks"], "{report}");
             })
             .await;
