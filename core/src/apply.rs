@@ -4,12 +4,14 @@
 //! revokes its SSO descendants; a device or user revocation revokes everything bound to it and
 //! moves a watermark. Refusals leave the state untouched.
 
+use crate::jobs;
 use crate::limits::{Limits, SessionLimitPolicy, REFRESH_GENERATIONS_KEPT, STORED_SESSIONS_PER_USER_FACTOR};
 use crate::model::{Device, RefreshFamily, Revoked, Session, UserState};
 use crate::validity::{liveness, Liveness};
 use crate::view::ShardView;
 use cascade_protocol::command::{Command, CreateSession, Envelope, Reason, Revocation, WatermarkScope};
 use cascade_protocol::ids::{SessionId, UserKey};
+use cascade_protocol::job::{AuditAction, AuditRecord};
 use cascade_protocol::outcome::{Applied, Outcome, Refusal, RevocationEvent};
 
 /// Apply one stamped command. The only time used is `max(envelope.now_ms, shard clock)`.
@@ -17,6 +19,7 @@ pub fn apply(view: &mut impl ShardView, limits: &Limits, envelope: &Envelope) ->
     let now = envelope.now_ms.max(view.meta().clock_ms);
     view.meta_mut().clock_ms = now;
     let mut events = Vec::new();
+    let mut audit = Vec::new();
     let outcome = match &envelope.command {
         Command::CreateSession(c) => create_session(view, limits, c, now, &mut events),
         Command::Touch { session_id } => {
@@ -62,8 +65,84 @@ pub fn apply(view: &mut impl ShardView, limits: &Limits, envelope: &Envelope) ->
             set_watermark(view, scope, *not_before_ms, revocation, now, &mut events)
         }
         Command::Purge { after, max_users } => purge(view, limits, after.as_ref(), *max_users, now),
+        Command::StartJob { job, spec } => jobs::start(view, *job, spec, now, &mut events, &mut audit),
+        Command::JobStep { job, after, max_users } => {
+            jobs::step(view, *job, after.as_ref(), *max_users, now, &mut events, &mut audit)
+        }
+        Command::JobChunk { job, chunk, targets } => {
+            jobs::chunk(view, *job, *chunk, targets, now, &mut events)
+        }
+        Command::FinishJob { job } => jobs::finish_list(view, *job, now, &mut audit),
+        Command::CancelJob { job, actor } => jobs::cancel(view, *job, actor, now, &mut audit),
     };
-    Applied { outcome, events }
+    if let Some(record) = audit_of(view, &envelope.command, &outcome, now) {
+        audit.push(record);
+    }
+    Applied { outcome, events, audit }
+}
+
+/// The audit record of a single revocation (jobs write their own when they finish).
+fn audit_of(
+    view: &mut impl ShardView,
+    command: &Command,
+    outcome: &Outcome,
+    now: u64,
+) -> Option<AuditRecord> {
+    let record = |revocation: &Revocation, user: Option<UserKey>, action: AuditAction, sessions: usize| {
+        Some(AuditRecord {
+            at_ms: now,
+            actor: revocation.actor.clone(),
+            reason: revocation.reason,
+            text: revocation.text.clone(),
+            user,
+            action,
+            sessions: sessions as u64,
+        })
+    };
+    let system = |reason: Reason, text: &str| Revocation::new(reason, "cascade", text);
+    match (command, outcome) {
+        (Command::RevokeSession { session_id, revocation }, Outcome::Revoked { revoked, .. }) => {
+            let user = view.session_owner(session_id);
+            record(revocation, user, AuditAction::RevokeSession { session_id: *session_id }, revoked.len())
+        }
+        (Command::RevokeFamily { session_id, revocation }, Outcome::Revoked { revoked, .. }) => {
+            let user = view.session_owner(session_id);
+            record(revocation, user, AuditAction::RevokeFamily { session_id: *session_id }, revoked.len())
+        }
+        (Command::RevokeDevice { user, device_id, revocation }, Outcome::Revoked { revoked, .. }) => record(
+            revocation,
+            Some(user.clone()),
+            AuditAction::RevokeDevice { device_id: device_id.clone() },
+            revoked.len(),
+        ),
+        (Command::RevokeUser { user, revocation }, Outcome::Revoked { revoked, .. }) => {
+            record(revocation, Some(user.clone()), AuditAction::RevokeUser, revoked.len())
+        }
+        (Command::SetWatermark { scope, revocation, .. }, Outcome::WatermarkSet { watermark_ms }) => {
+            let user = match scope {
+                WatermarkScope::User { user } | WatermarkScope::Device { user, .. } => Some(user.clone()),
+                _ => None,
+            };
+            // How many sessions a watermark covered is not counted here (that would be a scan
+            // inside one command); a mass revocation job counts it.
+            record(
+                revocation,
+                user,
+                AuditAction::Watermark { scope: scope.clone(), watermark_ms: *watermark_ms },
+                0,
+            )
+        }
+        (Command::RotateRefresh { session_id, .. }, Outcome::ReuseDetected { revoked }) => {
+            let user = view.session_owner(session_id);
+            let why = system(Reason::RefreshTokenReuse, "refresh token presented again after rotation");
+            record(&why, user, AuditAction::RefreshReuse { session_id: *session_id }, revoked.len())
+        }
+        (Command::CreateSession(c), Outcome::Created { evicted, .. }) if !evicted.is_empty() => {
+            let why = system(Reason::SessionLimit, "oldest sessions evicted for a new one");
+            record(&why, Some(c.user.clone()), AuditAction::SessionLimit, evicted.len())
+        }
+        _ => None,
+    }
 }
 
 /// Watermark of tenant/client scope for a session; passed into per-user closures because the
@@ -175,7 +254,7 @@ fn rotate(
 
 /// Revoke `roots` and all their descendants that are not revoked yet, in one step. The roots get
 /// `root_reason`; descendants get `ParentRevoked`. Returns the newly revoked ids, sorted.
-fn revoke_cascade(
+pub(crate) fn revoke_cascade(
     user: &mut UserState,
     roots: &[SessionId],
     revocation: &Revocation,
@@ -416,7 +495,7 @@ fn bound_stored_sessions(
     dropped
 }
 
-fn revoke_device(
+pub(crate) fn revoke_device(
     view: &mut impl ShardView,
     key: &UserKey,
     device_id: &str,
@@ -457,7 +536,7 @@ fn revoke_device(
     outcome
 }
 
-fn revoke_user(
+pub(crate) fn revoke_user(
     view: &mut impl ShardView,
     key: &UserKey,
     revocation: &Revocation,
@@ -490,7 +569,7 @@ fn bump_clock_past(view: &mut impl ShardView, t: u64) {
     meta.clock_ms = meta.clock_ms.max(t.saturating_add(1));
 }
 
-fn set_watermark(
+pub(crate) fn set_watermark(
     view: &mut impl ShardView,
     scope: &WatermarkScope,
     not_before_ms: u64,

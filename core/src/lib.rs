@@ -6,6 +6,7 @@
 //! replica computes the same result from the same log (P5).
 
 pub mod apply;
+pub mod jobs;
 pub mod limits;
 pub mod model;
 pub mod planted;

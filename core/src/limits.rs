@@ -33,6 +33,10 @@ pub struct Limits {
 /// older than this is refused as an invalid token instead of triggering revocation.
 pub const REFRESH_GENERATIONS_KEPT: usize = 16;
 
+/// Jobs a shard keeps, running or finished. Starting one more drops the job that finished
+/// first; when all are running, the start is refused.
+pub const JOBS_KEPT_MAX: usize = 256;
+
 /// Bound on stored sessions per user, active or dead, so purge lag cannot grow a user without
 /// limit: dead sessions beyond it are dropped oldest first.
 pub const STORED_SESSIONS_PER_USER_FACTOR: u32 = 4;

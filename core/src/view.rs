@@ -4,6 +4,7 @@
 
 use crate::model::{ShardMeta, UserState};
 use cascade_protocol::ids::{SessionId, UserKey};
+use cascade_protocol::job::{Job, JobId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -23,6 +24,14 @@ pub trait ShardView {
     fn unindex_session(&mut self, id: &SessionId);
     /// Up to `limit` user keys strictly after `after`, in key order (purge scans with this).
     fn users_after(&mut self, after: Option<&UserKey>, limit: usize) -> Vec<UserKey>;
+    /// A copy of a user's state for reading only: nothing is marked changed.
+    fn get_user(&mut self, key: &UserKey) -> Option<UserState>;
+    /// The shard's record of a mass revocation job.
+    fn job(&mut self, id: JobId) -> Option<Job>;
+    fn put_job(&mut self, job: Job);
+    fn remove_job(&mut self, id: JobId);
+    /// Every job the shard keeps (at most [`crate::limits::JOBS_KEPT_MAX`]), by id.
+    fn jobs(&mut self) -> Vec<Job>;
 }
 
 /// A whole shard in memory.
@@ -31,6 +40,7 @@ pub struct MemShard {
     pub meta: ShardMeta,
     pub users: BTreeMap<UserKey, UserState>,
     pub session_index: BTreeMap<SessionId, UserKey>,
+    pub jobs: BTreeMap<JobId, Job>,
 }
 
 impl MemShard {
@@ -68,5 +78,20 @@ impl ShardView for MemShard {
             None => Bound::Unbounded,
         };
         self.users.range((lower, Bound::Unbounded)).take(limit).map(|(k, _)| k.clone()).collect()
+    }
+    fn get_user(&mut self, key: &UserKey) -> Option<UserState> {
+        self.users.get(key).cloned()
+    }
+    fn job(&mut self, id: JobId) -> Option<Job> {
+        self.jobs.get(&id).cloned()
+    }
+    fn put_job(&mut self, job: Job) {
+        self.jobs.insert(job.id, job);
+    }
+    fn remove_job(&mut self, id: JobId) {
+        self.jobs.remove(&id);
+    }
+    fn jobs(&mut self) -> Vec<Job> {
+        self.jobs.values().cloned().collect()
     }
 }

@@ -2,6 +2,7 @@
 //! envelope, so applying a command never reads a clock.
 
 use crate::ids::{SessionId, UserKey};
+use crate::job::{JobId, JobSpec, Target};
 use serde::{Deserialize, Serialize};
 
 /// Version of the log entry format. Bump on any incompatible change to [`Command`] or the types it
@@ -157,6 +158,36 @@ pub enum Command {
         after: Option<UserKey>,
         max_users: u32,
     },
+    /// Start a mass revocation job on this shard (a no-op if it already runs here). A job whose
+    /// selector is a watermark revokes everything at once, here.
+    StartJob {
+        job: JobId,
+        spec: Box<JobSpec>,
+    },
+    /// Scan at most `max_users` users after `after` for a running filter job. Applied only when
+    /// `after` is the job's cursor, so a step proposed twice (a retry across a leader change)
+    /// counts once.
+    JobStep {
+        job: JobId,
+        after: Option<UserKey>,
+        max_users: u32,
+    },
+    /// Revoke the users and devices of chunk `chunk` of a list job; chunks at or below the last
+    /// one applied are ignored, so a caller that resends after a failure never double counts.
+    JobChunk {
+        job: JobId,
+        chunk: u64,
+        targets: Vec<Target>,
+    },
+    /// A list job's caller sent its last chunk.
+    FinishJob {
+        job: JobId,
+    },
+    /// Stop a running job here; what it already revoked stays revoked.
+    CancelJob {
+        job: JobId,
+        actor: String,
+    },
 }
 
 impl Command {
@@ -173,6 +204,11 @@ impl Command {
             Command::RevokeUser { .. } => "revoke_user",
             Command::SetWatermark { .. } => "set_watermark",
             Command::Purge { .. } => "purge",
+            Command::StartJob { .. } => "start_job",
+            Command::JobStep { .. } => "job_step",
+            Command::JobChunk { .. } => "job_chunk",
+            Command::FinishJob { .. } => "finish_job",
+            Command::CancelJob { .. } => "cancel_job",
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod codec;
 pub mod command;
 pub mod ids;
+pub mod job;
 pub mod limits;
 pub mod outcome;
 

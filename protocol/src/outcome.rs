@@ -3,6 +3,7 @@
 
 use crate::command::{Reason, WatermarkScope};
 use crate::ids::{SessionId, UserKey};
+use crate::job::{AuditRecord, Job};
 use serde::{Deserialize, Serialize};
 
 /// A domain refusal: the command was valid input but the state does not allow it. Refusals are
@@ -37,6 +38,12 @@ pub enum Refusal {
     AalNotHigher { current: u8 },
     #[error("watermark is later than the time the command was stamped")]
     WatermarkInFuture,
+    #[error("no such job on this shard")]
+    JobNotFound,
+    #[error("the shard keeps at most {max} jobs and all of them are running")]
+    TooManyJobs { max: u32 },
+    #[error("the job is a list job; it takes chunks, not scan steps (or the reverse)")]
+    WrongJobKind,
 }
 
 /// Result of one applied command.
@@ -77,6 +84,8 @@ pub enum Outcome {
         n_users: u64,
         next: Option<UserKey>,
     },
+    /// A job's record on this shard after the command.
+    Job(Box<Job>),
     Refused(Refusal),
     /// Entries without a command (Raft blank and membership entries).
     Nothing,
@@ -94,11 +103,13 @@ pub enum RevocationEvent {
 pub struct Applied {
     pub outcome: Outcome,
     pub events: Vec<RevocationEvent>,
+    /// Audit records of the revocations the command made.
+    pub audit: Vec<AuditRecord>,
 }
 
 impl Applied {
     pub fn nothing() -> Self {
-        Applied { outcome: Outcome::Nothing, events: Vec::new() }
+        Applied { outcome: Outcome::Nothing, events: Vec::new(), audit: Vec::new() }
     }
 }
 
