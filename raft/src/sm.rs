@@ -20,6 +20,7 @@ use cascade_core::view::ShardView;
 use cascade_protocol::codec;
 use cascade_protocol::command::FORMAT_VERSION;
 use cascade_protocol::ids::{SessionId, ShardId, UserKey};
+use cascade_protocol::job::{AuditRecord, Job, JobId};
 use cascade_protocol::outcome::{Applied, RevocationEvent};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
@@ -34,6 +35,16 @@ const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
 const KEY_SNAP_META: &[u8] = b"m/snap_meta";
 const KEY_SNAP_DATA: &[u8] = b"m/snap_data";
+/// Mass revocation jobs by id (at most `cascade_core::limits::JOBS_KEPT_MAX`).
+const PREFIX_JOB: &[u8] = b"j/";
+/// The audit trail by (time, log index, position): replicated, and carried by snapshots.
+const PREFIX_AUDIT: &[u8] = b"a/";
+/// Audit records older than this (by the shard's clock) are deleted.
+pub const AUDIT_RETENTION_MS: u64 = 90 * 24 * 3600 * 1000;
+/// Audit records deleted per applied batch at most, besides as many as the batch added.
+const AUDIT_PRUNE_PER_BATCH: usize = 256;
+/// Keys read per storage scan of the audit trail.
+const AUDIT_SCAN_PAGE: usize = 512;
 const PREFIX_USER: &[u8] = b"u/";
 const PREFIX_SESSION: &[u8] = b"s/";
 /// Revocation events by (log index, position in the entry): what `WatchRevocations` streams.
@@ -93,6 +104,26 @@ struct Shared {
     meta: RwLock<Arc<ShardMeta>>,
     applied_index: AtomicU64,
     events_after: AtomicU64,
+}
+
+fn job_key(id: JobId) -> Vec<u8> {
+    let mut k = PREFIX_JOB.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn audit_key(at_ms: u64, index: u64, position: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(PREFIX_AUDIT.len() + 20);
+    k.extend_from_slice(PREFIX_AUDIT);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&position.to_be_bytes());
+    k
+}
+
+fn audit_time(key: &[u8]) -> Option<u64> {
+    let bytes = key.strip_prefix(PREFIX_AUDIT)?.get(..8)?;
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
 fn event_key(index: u64, position: u32) -> Vec<u8> {
@@ -193,6 +224,54 @@ impl ShardReader {
         Ok(EventPage { events, through: through.max(cursor) })
     }
 
+    /// Every job this shard keeps, by id.
+    pub fn jobs(&self) -> io::Result<Vec<Job>> {
+        let page = self.tree.scan(PREFIX_JOB, None, cascade_core::limits::JOBS_KEPT_MAX * 2)?;
+        page.into_iter().map(|(_, v)| codec::decode(&v).map_err(io::Error::other)).collect()
+    }
+
+    pub fn job(&self, id: JobId) -> io::Result<Option<Job>> {
+        match self.tree.get(&job_key(id))? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(&bytes).map(Some).map_err(io::Error::other),
+        }
+    }
+
+    /// Audit records with `from_ms <= at_ms <= until_ms` that `keep` accepts, oldest first, at
+    /// most `limit`; and whether more matching ones may follow.
+    pub fn audit(
+        &self,
+        from_ms: u64,
+        until_ms: u64,
+        limit: usize,
+        keep: impl Fn(&AuditRecord) -> bool,
+    ) -> io::Result<(Vec<AuditRecord>, bool)> {
+        let mut out = Vec::new();
+        // Every key of time >= from_ms sorts after this one (it is their strict prefix).
+        let mut after = PREFIX_AUDIT.to_vec();
+        after.extend_from_slice(&from_ms.to_be_bytes());
+        loop {
+            let page = self.tree.scan(PREFIX_AUDIT, Some(&after), AUDIT_SCAN_PAGE)?;
+            let full = page.len() == AUDIT_SCAN_PAGE;
+            for (key, value) in page {
+                if audit_time(&key).is_none_or(|t| t > until_ms) {
+                    return Ok((out, false));
+                }
+                let record: AuditRecord = codec::decode(&value).map_err(io::Error::other)?;
+                if keep(&record) {
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                    out.push(record);
+                }
+                after = key;
+            }
+            if !full {
+                return Ok((out, false));
+            }
+        }
+    }
+
     /// Up to `limit` users after `after`, in key order (for watch snapshots).
     pub fn users_page(&self, after: Option<&UserKey>, limit: usize) -> io::Result<Vec<UserState>> {
         let after = after.map(user_key_bytes);
@@ -209,6 +288,9 @@ impl ShardReader {
 struct SnapshotBody {
     meta: ShardMeta,
     users: Vec<UserState>,
+    jobs: Vec<Job>,
+    /// Audit records with their keys' (index, position).
+    audit: Vec<(u64, u32, AuditRecord)>,
 }
 
 /// openraft's state machine for one shard.
@@ -315,6 +397,22 @@ impl ShardStateMachine {
         Ok(())
     }
 
+    /// Deletes (some of) the audit records older than [`AUDIT_RETENTION_MS`] by the shard clock.
+    fn prune_audit(&self, writes: &mut Vec<Write>, extra: usize) -> Result<(), StorageError> {
+        let threshold = self.meta.clock_ms.saturating_sub(AUDIT_RETENTION_MS);
+        if threshold == 0 {
+            return Ok(());
+        }
+        let page = self.tree.scan(PREFIX_AUDIT, None, AUDIT_PRUNE_PER_BATCH + extra).map_err(read_err)?;
+        for (key, _) in page {
+            if audit_time(&key).is_none_or(|t| t >= threshold) {
+                break;
+            }
+            writes.push((key, None));
+        }
+        Ok(())
+    }
+
     fn pointer_writes(&self) -> Result<Vec<Write>, StorageError> {
         Ok(vec![
             (KEY_META.to_vec(), Some(encoded(&self.meta)?)),
@@ -338,7 +436,26 @@ impl ShardStateMachine {
                 break;
             }
         }
-        Ok(SnapshotBody { meta: self.meta.clone(), users })
+        let jobs = self.reader().jobs().map_err(read_err)?;
+        let mut audit = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page =
+                self.tree.scan(PREFIX_AUDIT, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in &page {
+                let tail = k.get(PREFIX_AUDIT.len() + 8..).filter(|t| t.len() == 12);
+                let tail = tail.ok_or_else(|| read_err("malformed audit key"))?;
+                let index = u64::from_be_bytes(tail[..8].try_into().map_err(read_err)?);
+                let position = u32::from_be_bytes(tail[8..].try_into().map_err(read_err)?);
+                audit.push((index, position, codec::decode::<AuditRecord>(v).map_err(read_err)?));
+            }
+            if page.len() < SNAPSHOT_SCAN_PAGE {
+                break;
+            }
+        }
+        Ok(SnapshotBody { meta: self.meta.clone(), users, jobs, audit })
     }
 }
 
@@ -350,6 +467,7 @@ struct OverlayView<'a> {
     meta: ShardMeta,
     users: BTreeMap<UserKey, Option<UserState>>,
     index: BTreeMap<SessionId, Option<UserKey>>,
+    jobs: BTreeMap<JobId, Option<Job>>,
     error: Option<StorageError>,
 }
 
@@ -437,6 +555,64 @@ impl ShardView for OverlayView<'_> {
         keys.truncate(limit);
         keys
     }
+    fn get_user(&mut self, key: &UserKey) -> Option<UserState> {
+        if let Some(slot) = self.users.get(key) {
+            return slot.clone();
+        }
+        match get_decoded::<UserState>(self.tree, &user_key_bytes(key)) {
+            Ok(found) => found,
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+    fn job(&mut self, id: JobId) -> Option<Job> {
+        if let Some(slot) = self.jobs.get(&id) {
+            return slot.clone();
+        }
+        match get_decoded::<Job>(self.tree, &job_key(id)) {
+            Ok(found) => found,
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+    fn put_job(&mut self, job: Job) {
+        self.jobs.insert(job.id, Some(job));
+    }
+    fn remove_job(&mut self, id: JobId) {
+        self.jobs.insert(id, None);
+    }
+    fn jobs(&mut self) -> Vec<Job> {
+        let page = match self.tree.scan(PREFIX_JOB, None, cascade_core::limits::JOBS_KEPT_MAX * 2) {
+            Ok(page) => page,
+            Err(e) => {
+                self.fail(read_err(e));
+                return Vec::new();
+            }
+        };
+        let mut jobs: BTreeMap<JobId, Job> = BTreeMap::new();
+        for (_, v) in page {
+            match codec::decode::<Job>(&v) {
+                Ok(j) => {
+                    jobs.insert(j.id, j);
+                }
+                Err(e) => {
+                    self.fail(read_err(e));
+                    return Vec::new();
+                }
+            }
+        }
+        for (id, slot) in &self.jobs {
+            match slot {
+                Some(j) => jobs.insert(*id, j.clone()),
+                None => jobs.remove(id),
+            };
+        }
+        jobs.into_values().collect()
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for ShardStateMachine {
@@ -456,11 +632,13 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             meta: self.meta.clone(),
             users: BTreeMap::new(),
             index: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             error: None,
         };
         let mut results = Vec::new();
         let mut events = Vec::new();
         let mut event_writes: Vec<Write> = Vec::new();
+        let mut audit_writes: Vec<Write> = Vec::new();
         for entry in entries {
             self.applied = Some(entry.log_id);
             match entry.payload {
@@ -483,6 +661,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         let position = u32::try_from(position).unwrap_or(u32::MAX);
                         event_writes.push((event_key(entry.log_id.index, position), Some(encoded(event)?)));
                     }
+                    for (position, record) in applied.audit.iter().enumerate() {
+                        let position = u32::try_from(position).unwrap_or(u32::MAX);
+                        let key = audit_key(record.at_ms, entry.log_id.index, position);
+                        audit_writes.push((key, Some(encoded(record)?)));
+                    }
                     events.extend(applied.events.iter().cloned());
                     results.push(applied);
                 }
@@ -491,7 +674,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         if let Some(e) = view.error.take() {
             return Err(e);
         }
-        let OverlayView { meta, users, index, .. } = view;
+        let OverlayView { meta, users, index, jobs, .. } = view;
         self.meta = meta;
         let mut writes = self.pointer_writes()?;
         let mut changed = Vec::with_capacity(users.len());
@@ -503,9 +686,15 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         for (id, owner) in index {
             writes.push((session_key_bytes(&id), owner.as_ref().map(encoded).transpose()?));
         }
+        for (id, job) in jobs {
+            writes.push((job_key(id), job.as_ref().map(encoded).transpose()?));
+        }
         let added = event_writes.len();
         writes.append(&mut event_writes);
         self.prune_events(&mut writes, added)?;
+        let added = audit_writes.len();
+        writes.append(&mut audit_writes);
+        self.prune_audit(&mut writes, added)?;
         self.tree.apply_batch(writes).map_err(write_err)?;
         self.publish();
         if let Some(observer) = &self.observer {
@@ -541,6 +730,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.tree.clear_prefix(PREFIX_USER).map_err(write_err)?;
         self.tree.clear_prefix(PREFIX_SESSION).map_err(write_err)?;
         self.tree.clear_prefix(PREFIX_EVENT).map_err(write_err)?;
+        self.tree.clear_prefix(PREFIX_JOB).map_err(write_err)?;
+        self.tree.clear_prefix(PREFIX_AUDIT).map_err(write_err)?;
         self.meta = body.meta;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -553,6 +744,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 writes.push((session_key_bytes(id), Some(encoded(&user.key)?)));
             }
             writes.push((user_key_bytes(&user.key), Some(encoded(user)?)));
+        }
+        for job in &body.jobs {
+            writes.push((job_key(job.id), Some(encoded(job)?)));
+        }
+        for (index, position, record) in &body.audit {
+            writes.push((audit_key(record.at_ms, *index, *position), Some(encoded(record)?)));
         }
         writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
         writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
@@ -680,5 +877,54 @@ mod tests {
         // The promise survives a restart.
         let reopened = ShardStateMachine::open(0, tree, Limits::default(), None).expect("reopen");
         assert_eq!(reopened.reader().events_after(), 2);
+    }
+
+    /// Jobs and the audit trail are replicated state: a replica that installs a snapshot gets
+    /// them, and the audit trail reads back by time and by predicate.
+    #[tokio::test]
+    async fn jobs_and_audit_travel_in_snapshots() {
+        use cascade_protocol::job::{AuditAction, JobSelector, JobSpec, SessionFilter};
+        let entry = |index: u64, command: Command| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Envelope::new(10_000 + index, command)),
+        };
+        let spec = JobSpec {
+            selector: JobSelector::Filter(SessionFilter { aal_below: Some(2), ..Default::default() }),
+            revocation: Revocation::new(Reason::Compromised, "responder", "wave"),
+            dry_run: false,
+        };
+        let mut sm =
+            ShardStateMachine::open(0, Arc::new(MemTree::default()), Limits::default(), None).expect("open");
+        sm.apply(vec![
+            watermark(1, "a"),
+            entry(2, Command::StartJob { job: 42, spec: Box::new(spec) }),
+            entry(3, Command::JobStep { job: 42, after: None, max_users: 10 }),
+            watermark(4, "b"),
+        ])
+        .await
+        .expect("apply");
+        let reader = sm.reader();
+        let job = reader.job(42).expect("read").expect("job kept");
+        assert_eq!(job.state, cascade_protocol::job::JobState::Done);
+        let (all, more) = reader.audit(0, u64::MAX, 10, |_| true).expect("audit");
+        assert!(!more);
+        assert_eq!(all.len(), 3, "two watermarks and the job: {all:?}");
+        let (jobs_only, _) =
+            reader.audit(0, u64::MAX, 10, |r| matches!(r.action, AuditAction::Job { .. })).expect("audit");
+        assert_eq!(jobs_only.len(), 1);
+        let (first, more) = reader.audit(0, u64::MAX, 1, |_| true).expect("audit");
+        assert_eq!((first.len(), more), (1, true));
+        let late = all[2].at_ms;
+        let same_ms = all.iter().filter(|r| r.at_ms == late).count();
+        assert_eq!(reader.audit(late, late, 10, |_| true).expect("audit").0.len(), same_ms);
+        assert!(reader.audit(late + 1, u64::MAX, 10, |_| true).expect("audit").0.is_empty());
+
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let mut fresh =
+            ShardStateMachine::open(0, Arc::new(MemTree::default()), Limits::default(), None).expect("open");
+        fresh.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+        let copy = fresh.reader();
+        assert_eq!(copy.job(42).expect("read"), Some(job));
+        assert_eq!(copy.audit(0, u64::MAX, 10, |_| true).expect("audit").0, all);
     }
 }

@@ -55,8 +55,11 @@ pub fn to_status(e: ApiError) -> Status {
             Refusal::SessionNotFound
             | Refusal::UserNotFound
             | Refusal::DeviceNotFound
-            | Refusal::ParentNotFound => Status::not_found(msg),
-            Refusal::SessionLimit { .. } | Refusal::DeviceLimit { .. } => Status::resource_exhausted(msg),
+            | Refusal::ParentNotFound
+            | Refusal::JobNotFound => Status::not_found(msg),
+            Refusal::SessionLimit { .. } | Refusal::DeviceLimit { .. } | Refusal::TooManyJobs { .. } => {
+                Status::resource_exhausted(msg)
+            }
             Refusal::DuplicateSession
             | Refusal::SessionNotActive
             | Refusal::ParentNotActive
@@ -64,7 +67,8 @@ pub fn to_status(e: ApiError) -> Status {
             | Refusal::NoRefreshFamily
             | Refusal::InvalidRefreshToken
             | Refusal::AalNotHigher { .. }
-            | Refusal::WatermarkInFuture => Status::failed_precondition(msg),
+            | Refusal::WatermarkInFuture
+            | Refusal::WrongJobKind => Status::failed_precondition(msg),
         },
         ApiError::Remote(status) => status,
         ApiError::Propose(_)
