@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub touch_coalesce_ms: u64,
     /// How often a shard leader purges sessions past retention.
     pub purge_interval_ms: u64,
+    /// Users a mass revocation job scans per step (one Raft entry each, proposed by the shard's
+    /// leader back to back).
+    pub job_step_users: u32,
     /// Requests queued or in flight per shard before new ones get RESOURCE_EXHAUSTED.
     pub shard_inflight_max: usize,
     /// P2: once a revocation is acknowledged, no check starting this much later answers VALID
@@ -174,6 +177,7 @@ impl Default for NodeConfig {
             user_idle_ms: 60_000,
             touch_coalesce_ms: 60_000,
             purge_interval_ms: 60_000,
+            job_step_users: 512,
             shard_inflight_max: 4_096,
             revocation_bound_ms: 500,
             stale_reads: StaleReads::Forward,
@@ -211,6 +215,11 @@ impl NodeConfig {
         anyhow::ensure!(self.user_actors_per_shard_max > 0, "user_actors_per_shard_max must be at least 1");
         anyhow::ensure!(self.shard_inflight_max > 0, "shard_inflight_max must be at least 1");
         anyhow::ensure!(self.purge_interval_ms > 0, "purge_interval_ms must be at least 1");
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.job_step_users),
+            "job_step_users must be between 1 and 65536, got {}",
+            self.job_step_users
+        );
         anyhow::ensure!(
             (50..=60_000).contains(&self.revocation_bound_ms),
             "revocation_bound_ms must be between 50 and 60000, got {}",

@@ -72,6 +72,7 @@ pub async fn run(
                 user_actors_max: config.user_actors_per_shard_max,
                 user_idle_ms: config.user_idle_ms,
                 purge_interval_ms: config.purge_interval_ms,
+                job_step_users: config.job_step_users,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

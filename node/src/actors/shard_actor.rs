@@ -22,6 +22,8 @@ use std::time::Duration;
 const PURGE_USERS_PER_COMMAND: u32 = 256;
 /// How often idle user actors are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a leader looks for jobs to drive (a new job also wakes it at once).
+const JOB_TICK_INTERVAL: Duration = Duration::from_millis(250);
 
 pub struct ShardActor;
 
@@ -36,6 +38,10 @@ pub enum ShardMsg {
     Sweep,
     /// A purge step finished; continue after this user next time.
     PurgeProgress(Option<UserKey>),
+    /// Drive the shard's running scan jobs if this replica leads and no driver runs.
+    JobTick,
+    /// The job driver stopped (nothing left to scan, or leadership lost).
+    JobsIdle,
     /// Tests only: fail this actor, to exercise supervision.
     #[cfg(test)]
     Crash,
@@ -65,6 +71,8 @@ pub struct ShardArgs {
     pub user_actors_max: usize,
     pub user_idle_ms: u64,
     pub purge_interval_ms: u64,
+    /// Users per job scan step.
+    pub job_step_users: u32,
 }
 
 struct LiveUser {
@@ -89,6 +97,8 @@ pub struct ShardActorState {
     purge_after: Option<UserKey>,
     purge_due_ms: u64,
     purge_running: bool,
+    /// Whether a job driver task runs.
+    jobs_running: bool,
 }
 
 impl ShardActorState {
@@ -158,6 +168,7 @@ impl Actor for ShardActor {
         args: ShardArgs,
     ) -> Result<ShardActorState, ActorProcessingErr> {
         myself.send_interval(SWEEP_INTERVAL, || ShardMsg::Sweep);
+        myself.send_interval(JOB_TICK_INTERVAL, || ShardMsg::JobTick);
         let purge_due_ms = args.clock.now_ms().saturating_add(args.purge_interval_ms);
         Ok(ShardActorState {
             args,
@@ -168,6 +179,7 @@ impl Actor for ShardActor {
             purge_after: None,
             purge_due_ms,
             purge_running: false,
+            jobs_running: false,
         })
     }
 
@@ -206,6 +218,8 @@ impl Actor for ShardActor {
             ShardMsg::Sweep => sweep(&myself, state),
             #[cfg(test)]
             ShardMsg::Crash => return Err("crash requested by a test".into()),
+            ShardMsg::JobTick => drive_jobs(&myself, state),
+            ShardMsg::JobsIdle => state.jobs_running = false,
             ShardMsg::PurgeProgress(next) => {
                 state.purge_running = false;
                 state.purge_after = next.clone();
@@ -289,6 +303,57 @@ fn sweep(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
             let _ = me.send_message(ShardMsg::PurgeProgress(next));
         });
     }
+}
+
+/// While this replica leads, propose scan steps for every running filter job, round robin,
+/// each from the cursor the replicated record holds (a step proposed twice counts once).
+fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
+    if state.jobs_running {
+        return;
+    }
+    let leading = state.args.raft.metrics().borrow().current_leader == Some(state.args.raft_node_id());
+    if !leading {
+        return;
+    }
+    match state.args.reader.jobs() {
+        Ok(jobs) if !crate::api::jobs::running_filter_jobs(&jobs).is_empty() => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(shard = state.args.shard, error = %e, "reading jobs");
+            return;
+        }
+    }
+    state.jobs_running = true;
+    let (raft, reader, clock, shard, me) = (
+        state.args.raft.clone(),
+        state.args.reader.clone(),
+        state.args.clock.clone(),
+        state.args.shard,
+        myself.clone(),
+    );
+    let max_users = state.args.job_step_users;
+    tokio::spawn(async move {
+        'drive: loop {
+            let jobs = match reader.jobs() {
+                Ok(jobs) => crate::api::jobs::running_filter_jobs(&jobs),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "reading jobs");
+                    break;
+                }
+            };
+            if jobs.is_empty() {
+                break;
+            }
+            for (job, after) in jobs {
+                let command = Command::JobStep { job, after, max_users };
+                if let Err(e) = propose_local(&raft, shard, Envelope::new(clock.now_ms(), command)).await {
+                    tracing::debug!(shard, error = %e, "job step not applied; the next leader resumes");
+                    break 'drive;
+                }
+            }
+        }
+        let _ = me.send_message(ShardMsg::JobsIdle);
+    });
 }
 
 impl ShardArgs {

@@ -173,6 +173,7 @@ mod tests {
             user_actors_max: 4,
             user_idle_ms: 60_000,
             purge_interval_ms: 60_000,
+            job_step_users: 512,
         };
         let args = SupervisorArgs { shards: vec![shard], directory: directory.clone() };
         let (supervisor, done) =

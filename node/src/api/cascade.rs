@@ -106,7 +106,7 @@ fn verdict_to_pb(v: Verdict) -> (pb::CheckStatus, pb::ReasonCode) {
     }
 }
 
-fn revocation(r: Option<pb::Revocation>) -> Result<Revocation, ApiError> {
+pub(crate) fn revocation(r: Option<pb::Revocation>) -> Result<Revocation, ApiError> {
     let r = r.unwrap_or_default();
     lim::check_text("revocation.text", &r.text, lim::TEXT_LEN_MAX)?;
     lim::check_text("revocation.actor", &r.actor, lim::ACTOR_LEN_MAX)?;
@@ -236,6 +236,43 @@ impl CascadeService {
 #[tonic::async_trait]
 impl Cascade for CascadeService {
     type WatchRevocationsStream = crate::api::watch::WatchStream;
+    type RevokeListStream = crate::api::jobs::RevokeListStream;
+
+    async fn start_revoke_job(
+        &self,
+        request: Request<pb::StartRevokeJobRequest>,
+    ) -> Reply<pb::RevokeJobInfo> {
+        Ok(Response::new(crate::api::jobs::start(&self.ctx, request.into_inner()).await?))
+    }
+
+    async fn revoke_list(
+        &self,
+        request: Request<tonic::Streaming<pb::RevokeListRequest>>,
+    ) -> Reply<Self::RevokeListStream> {
+        Ok(Response::new(crate::api::jobs::revoke_list(self.ctx.clone(), request.into_inner())))
+    }
+
+    async fn get_revoke_job(&self, request: Request<pb::GetRevokeJobRequest>) -> Reply<pb::RevokeJobInfo> {
+        Ok(Response::new(crate::api::jobs::get(&self.ctx, request.into_inner()).await?))
+    }
+
+    async fn list_revoke_jobs(
+        &self,
+        request: Request<pb::ListRevokeJobsRequest>,
+    ) -> Reply<pb::ListRevokeJobsResponse> {
+        Ok(Response::new(crate::api::jobs::list(&self.ctx, request.into_inner()).await?))
+    }
+
+    async fn cancel_revoke_job(
+        &self,
+        request: Request<pb::CancelRevokeJobRequest>,
+    ) -> Reply<pb::RevokeJobInfo> {
+        Ok(Response::new(crate::api::jobs::cancel(&self.ctx, request.into_inner()).await?))
+    }
+
+    async fn query_audit(&self, request: Request<pb::QueryAuditRequest>) -> Reply<pb::QueryAuditResponse> {
+        Ok(Response::new(crate::api::jobs::audit(&self.ctx, request.into_inner()).await?))
+    }
 
     async fn watch_revocations(
         &self,

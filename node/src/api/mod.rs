@@ -4,6 +4,7 @@
 pub mod cascade;
 pub mod cluster;
 pub mod ctx;
+pub mod jobs;
 pub mod shard_map;
 pub mod status;
 pub mod watch;

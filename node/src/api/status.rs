@@ -42,6 +42,8 @@ pub enum ApiError {
     NoShard { shard: u16 },
     #[error("tenant or client watermark applied on {applied} of {total} shards: {reason}; it is idempotent, retry it")]
     Partial { applied: usize, total: usize, reason: String },
+    #[error("job {job_id} started on {applied} of {total} shards: {reason}; retry with this job_id (shards that have it are left as they are)")]
+    PartialJob { job_id: String, applied: usize, total: usize, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -79,7 +81,8 @@ pub fn to_status(e: ApiError) -> Status {
         | ApiError::Membership(_)
         | ApiError::Timeout { .. }
         | ApiError::NoShard { .. }
-        | ApiError::Partial { .. } => Status::unavailable(msg),
+        | ApiError::Partial { .. }
+        | ApiError::PartialJob { .. } => Status::unavailable(msg),
         ApiError::Busy { .. } => Status::resource_exhausted(msg),
         ApiError::MembershipRefused(_) => Status::failed_precondition(msg),
         ApiError::Internal(_) => Status::internal(msg),
