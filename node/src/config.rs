@@ -44,6 +44,9 @@ pub struct NodeConfig {
     /// Users a mass revocation job scans per step (one Raft entry each, proposed by the shard's
     /// leader back to back).
     pub job_step_users: u32,
+    /// Pause between two rounds of job steps on a shard, in milliseconds: throttles what a
+    /// mass revocation costs the cluster (0 = none).
+    pub job_step_pause_ms: u64,
     /// Requests queued or in flight per shard before new ones get RESOURCE_EXHAUSTED.
     pub shard_inflight_max: usize,
     /// P2: once a revocation is acknowledged, no check starting this much later answers VALID
@@ -178,6 +181,7 @@ impl Default for NodeConfig {
             touch_coalesce_ms: 60_000,
             purge_interval_ms: 60_000,
             job_step_users: 512,
+            job_step_pause_ms: 0,
             shard_inflight_max: 4_096,
             revocation_bound_ms: 500,
             stale_reads: StaleReads::Forward,

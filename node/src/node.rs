@@ -73,6 +73,7 @@ pub async fn run(
                 user_idle_ms: config.user_idle_ms,
                 purge_interval_ms: config.purge_interval_ms,
                 job_step_users: config.job_step_users,
+                job_step_pause_ms: config.job_step_pause_ms,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -73,6 +73,8 @@ pub struct ShardArgs {
     pub purge_interval_ms: u64,
     /// Users per job scan step.
     pub job_step_users: u32,
+    /// Pause between two rounds of job steps.
+    pub job_step_pause_ms: u64,
 }
 
 struct LiveUser {
@@ -332,6 +334,7 @@ fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
         myself.clone(),
     );
     let max_users = state.args.job_step_users;
+    let pause = Duration::from_millis(state.args.job_step_pause_ms);
     tokio::spawn(async move {
         'drive: loop {
             let jobs = match reader.jobs() {
@@ -350,6 +353,9 @@ fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
                     tracing::debug!(shard, error = %e, "job step not applied; the next leader resumes");
                     break 'drive;
                 }
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
         }
         let _ = me.send_message(ShardMsg::JobsIdle);

@@ -174,6 +174,7 @@ mod tests {
             user_idle_ms: 60_000,
             purge_interval_ms: 60_000,
             job_step_users: 512,
+            job_step_pause_ms: 0,
         };
         let args = SupervisorArgs { shards: vec![shard], directory: directory.clone() };
         let (supervisor, done) =

@@ -92,7 +92,15 @@ impl TestCluster {
     /// Start `n` nodes forming a new cluster of `n_shards` shards, and wait until every shard has a
     /// leader and a fresh replica on every node.
     pub async fn start(n: usize, n_shards: u16) -> TestCluster {
+        Self::start_with(n, n_shards, |_| {}).await
+    }
+
+    /// As [`TestCluster::start`], with `tweak` applied to every node's configuration.
+    pub async fn start_with(n: usize, n_shards: u16, tweak: impl Fn(&mut NodeConfig)) -> TestCluster {
         let mut members: Vec<Member> = (0..n).map(|i| Self::member(i, n_shards)).collect();
+        for m in &mut members {
+            tweak(&mut m.config);
+        }
         let nodes: Vec<ClusterNode> = members
             .iter()
             .map(|m| ClusterNode { id: m.id, addr: m.addr.to_string(), region: m.region.clone() })
