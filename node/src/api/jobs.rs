@@ -616,11 +616,37 @@ pub async fn audit(ctx: &NodeCtx, r: pb::QueryAuditRequest) -> Result<pb::QueryA
         entries.append(&mut got);
     }
     entries.sort_by_key(|e| (e.at_ms, e.shard));
+    let mut entries = merge_job_entries(entries);
     if entries.len() > limit {
         entries.truncate(limit);
         truncated = true;
     }
     Ok(pb::QueryAuditResponse { entries, truncated })
+}
+
+/// A job leaves one audit record per shard; the caller sees one entry per job and outcome,
+/// with the sessions of every shard summed, at the time the last shard finished (`shard` is
+/// the first shard's).
+fn merge_job_entries(entries: Vec<pb::AuditEntry>) -> Vec<pb::AuditEntry> {
+    let mut out: Vec<pb::AuditEntry> = Vec::with_capacity(entries.len());
+    let mut first_of: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for e in entries {
+        if e.action != "job" {
+            out.push(e);
+            continue;
+        }
+        match first_of.get(&(e.job_id.clone(), e.detail.clone())) {
+            Some(&i) => {
+                out[i].sessions += e.sessions;
+                out[i].at_ms = out[i].at_ms.max(e.at_ms);
+            }
+            None => {
+                first_of.insert((e.job_id.clone(), e.detail.clone()), out.len());
+                out.push(e);
+            }
+        }
+    }
+    out
 }
 
 /// Whether a shard has filter jobs still to scan (for the shard actor's driver).

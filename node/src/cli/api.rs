@@ -98,6 +98,67 @@ impl Api {
         RpcError { rpc, code: status.code(), message }
     }
 
+    /// StartRevokeJob.
+    pub async fn start_revoke_job(
+        &self,
+        m: pb::StartRevokeJobRequest,
+    ) -> Result<pb::RevokeJobInfo, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("StartRevokeJob", c.start_revoke_job(self.request(m))).await
+    }
+
+    /// GetRevokeJob.
+    pub async fn get_revoke_job(&self, m: pb::GetRevokeJobRequest) -> Result<pb::RevokeJobInfo, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("GetRevokeJob", c.get_revoke_job(self.request(m))).await
+    }
+
+    /// ListRevokeJobs.
+    pub async fn list_revoke_jobs(
+        &self,
+        m: pb::ListRevokeJobsRequest,
+    ) -> Result<pb::ListRevokeJobsResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("ListRevokeJobs", c.list_revoke_jobs(self.request(m))).await
+    }
+
+    /// CancelRevokeJob.
+    pub async fn cancel_revoke_job(
+        &self,
+        m: pb::CancelRevokeJobRequest,
+    ) -> Result<pb::RevokeJobInfo, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("CancelRevokeJob", c.cancel_revoke_job(self.request(m))).await
+    }
+
+    /// QueryAudit.
+    pub async fn query_audit(&self, m: pb::QueryAuditRequest) -> Result<pb::QueryAuditResponse, RpcError> {
+        let mut c = self.client.clone();
+        self.unary("QueryAudit", c.query_audit(self.request(m))).await
+    }
+
+    /// RevokeList: a stream of chunks in, progress out. No deadline: it lasts as long as the
+    /// file; each chunk is bounded on the server.
+    pub async fn revoke_list(
+        &self,
+        chunks: impl tokio_stream::Stream<Item = pb::RevokeListRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::RevokeJobInfo>, RpcError> {
+        let mut c = self.client.clone();
+        c.revoke_list(chunks).await.map(Response::into_inner).map_err(|s| self.rpc_error("RevokeList", &s))
+    }
+
+    /// WatchRevocations, without a deadline (it runs until the caller stops it).
+    pub async fn watch_revocations(
+        &self,
+        m: pb::WatchRevocationsRequest,
+    ) -> Result<tonic::Streaming<pb::WatchRevocationsMessage>, RpcError> {
+        let mut c = self.client.clone();
+        c.watch_revocations(m)
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| self.rpc_error("WatchRevocations", &s))
+    }
+
     /// CheckSession.
     pub async fn check_session(
         &self,

@@ -88,7 +88,7 @@ pub struct RevocationArgs {
 }
 
 impl RevocationArgs {
-    fn to_pb(&self) -> pb::Revocation {
+    pub(crate) fn to_pb(&self) -> pb::Revocation {
         pb::Revocation {
             reason: self.reason.code() as i32,
             text: self.text.clone(),
@@ -128,6 +128,12 @@ pub enum RevokeCommand {
         #[command(flatten)]
         revocation: RevocationArgs,
     },
+    /// Revoke (or count, with --dry-run) every session matching a selector, cluster-wide, as
+    /// a job: a tenant, client, user or device (optionally created before a time) is one
+    /// watermark per shard; aal, ip prefix and region are scanned shard by shard.
+    Where(super::respond::WhereArgs),
+    /// Revoke every user or device listed in a file, streamed in chunks of 1,000.
+    List(super::respond::ListArgs),
     /// Revoke every session of a user.
     User {
         /// Tenant the user belongs to.
@@ -368,6 +374,8 @@ pub async fn list(api: &Api, out: Output, tenant: String, user: String) -> anyho
 /// `cascade revoke …`.
 pub async fn revoke(api: &Api, out: Output, command: RevokeCommand) -> anyhow::Result<u8> {
     let r = match command {
+        RevokeCommand::Where(args) => return super::respond::revoke_where(api, out, args).await,
+        RevokeCommand::List(args) => return super::respond::revoke_list(api, out, args).await,
         RevokeCommand::Session { session_id, revocation } => {
             let revocation = Some(revocation.to_pb());
             api.revoke_session(pb::RevokeSessionRequest { session_id, revocation }).await?

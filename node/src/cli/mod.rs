@@ -16,6 +16,7 @@ mod load;
 mod local;
 mod propagation;
 mod render;
+mod respond;
 mod serve;
 
 use api::Api;
@@ -122,6 +123,15 @@ enum Command {
         #[command(subcommand)]
         what: RevokeCommand,
     },
+    /// Mass revocation jobs: list them, show one's progress per shard, cancel one.
+    Jobs {
+        #[command(subcommand)]
+        what: respond::JobsCommand,
+    },
+    /// The audit trail of revocations (who, why, when, what, how many), oldest first.
+    Audit(respond::AuditArgs),
+    /// Tail revocation events as the node applies them (after a snapshot of what is revoked).
+    Watch(respond::WatchArgs),
     /// Set a "not before" watermark: sessions created at or before it become invalid.
     #[command(after_help = exit::HELP)]
     Watermark(WatermarkArgs),
@@ -203,6 +213,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::List { tenant, user } => commands::list(&api, out, tenant, user).await,
         Command::Revoke { what } => commands::revoke(&api, out, what).await,
         Command::Watermark(args) => commands::watermark(&api, out, args).await,
+        Command::Jobs { what } => respond::jobs(&api, out, what).await,
+        Command::Audit(args) => respond::audit(&api, out, args).await,
+        Command::Watch(args) => respond::watch(&api, out, args).await,
         Command::Status => commands::status(&api, out).await,
         Command::Cluster { what } => cluster::run(&api, &cli.addr, out, what).await,
         Command::Serve(_)
