@@ -273,6 +273,13 @@ pub struct Job {
     pub cancelled_by: String,
 }
 
+impl Job {
+    /// Whether the shard's leader still has scan steps to propose for it.
+    pub fn scanning(&self) -> bool {
+        self.state == JobState::Running && matches!(self.spec.selector, JobSelector::Filter(_))
+    }
+}
+
 /// What an audit record is about.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuditAction {

@@ -122,8 +122,19 @@ fn audit_key(at_ms: u64, index: u64, position: u32) -> Vec<u8> {
 }
 
 fn audit_time(key: &[u8]) -> Option<u64> {
-    let bytes = key.strip_prefix(PREFIX_AUDIT)?.get(..8)?;
-    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+    audit_key_parts(key).map(|(at_ms, _, _)| at_ms)
+}
+
+/// (time, log index, position) of an audit key.
+fn audit_key_parts(key: &[u8]) -> Option<(u64, u64, u32)> {
+    let rest = key.strip_prefix(PREFIX_AUDIT)?;
+    if rest.len() != 20 {
+        return None;
+    }
+    let at_ms = u64::from_be_bytes(rest[..8].try_into().ok()?);
+    let index = u64::from_be_bytes(rest[8..16].try_into().ok()?);
+    let position = u32::from_be_bytes(rest[16..].try_into().ok()?);
+    Some((at_ms, index, position))
 }
 
 fn event_key(index: u64, position: u32) -> Vec<u8> {
@@ -381,13 +392,8 @@ impl ShardStateMachine {
         if threshold == 0 {
             return Ok(());
         }
-        let page = self.tree.scan(PREFIX_EVENT, None, EVENT_PRUNE_PER_BATCH + extra).map_err(read_err)?;
-        for (key, _) in page {
-            if event_index(&key).is_none_or(|i| i > threshold) {
-                break;
-            }
-            writes.push((key, None));
-        }
+        let old = |key: &[u8]| event_index(key).is_some_and(|i| i <= threshold);
+        self.delete_oldest(PREFIX_EVENT, EVENT_PRUNE_PER_BATCH + extra, old, writes)?;
         // Whatever is left at or below the threshold is pruned by later batches; nothing above
         // it is touched, so the promise holds from here on.
         if threshold > self.events_after {
@@ -403,9 +409,25 @@ impl ShardStateMachine {
         if threshold == 0 {
             return Ok(());
         }
-        let page = self.tree.scan(PREFIX_AUDIT, None, AUDIT_PRUNE_PER_BATCH + extra).map_err(read_err)?;
-        for (key, _) in page {
-            if audit_time(&key).is_none_or(|t| t >= threshold) {
+        let old = |key: &[u8]| audit_time(key).is_some_and(|t| t < threshold);
+        self.delete_oldest(PREFIX_AUDIT, AUDIT_PRUNE_PER_BATCH + extra, old, writes)
+    }
+
+    /// Deletes up to `budget` of the first keys under `prefix` while `old` holds for them. Runs
+    /// on every applied batch, so it reads one key first and a page only when that one is old.
+    fn delete_oldest(
+        &self,
+        prefix: &[u8],
+        budget: usize,
+        old: impl Fn(&[u8]) -> bool,
+        writes: &mut Vec<Write>,
+    ) -> Result<(), StorageError> {
+        let first = self.tree.scan(prefix, None, 1).map_err(read_err)?;
+        if !first.first().is_some_and(|(key, _)| old(key)) {
+            return Ok(());
+        }
+        for (key, _) in self.tree.scan(prefix, None, budget).map_err(read_err)? {
+            if !old(&key) {
                 break;
             }
             writes.push((key, None));
@@ -445,10 +467,8 @@ impl ShardStateMachine {
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
             for (k, v) in &page {
-                let tail = k.get(PREFIX_AUDIT.len() + 8..).filter(|t| t.len() == 12);
-                let tail = tail.ok_or_else(|| read_err("malformed audit key"))?;
-                let index = u64::from_be_bytes(tail[..8].try_into().map_err(read_err)?);
-                let position = u32::from_be_bytes(tail[8..].try_into().map_err(read_err)?);
+                let (_, index, position) =
+                    audit_key_parts(k).ok_or_else(|| read_err("malformed audit key"))?;
                 audit.push((index, position, codec::decode::<AuditRecord>(v).map_err(read_err)?));
             }
             if page.len() < SNAPSHOT_SCAN_PAGE {

@@ -318,7 +318,7 @@ fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
         return;
     }
     match state.args.reader.jobs() {
-        Ok(jobs) if !crate::api::jobs::running_filter_jobs(&jobs).is_empty() => {}
+        Ok(jobs) if jobs.iter().any(|j| j.scanning()) => {}
         Ok(_) => return,
         Err(e) => {
             tracing::warn!(shard = state.args.shard, error = %e, "reading jobs");
@@ -338,7 +338,9 @@ fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
     tokio::spawn(async move {
         'drive: loop {
             let jobs = match reader.jobs() {
-                Ok(jobs) => crate::api::jobs::running_filter_jobs(&jobs),
+                Ok(jobs) => {
+                    jobs.into_iter().filter(|j| j.scanning()).map(|j| (j.id, j.cursor)).collect::<Vec<_>>()
+                }
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "reading jobs");
                     break;

@@ -14,7 +14,7 @@ use cascade_protocol::command::{Command, Envelope, Revocation, WatermarkScope};
 use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::job::{
     job_id_to_string, parse_job_id, AuditAction, AuditRecord, IpPrefix, Job, JobId, JobMode, JobSelector,
-    JobSpec, JobState, SessionFilter, Target,
+    JobSpec, SessionFilter, Target,
 };
 use cascade_protocol::limits::{self as lim, FieldError};
 use cascade_protocol::outcome::Outcome;
@@ -647,12 +647,4 @@ fn merge_job_entries(entries: Vec<pb::AuditEntry>) -> Vec<pb::AuditEntry> {
         }
     }
     out
-}
-
-/// Whether a shard has filter jobs still to scan (for the shard actor's driver).
-pub fn running_filter_jobs(jobs: &[Job]) -> Vec<(JobId, Option<UserKey>)> {
-    jobs.iter()
-        .filter(|j| j.state == JobState::Running && matches!(j.spec.selector, JobSelector::Filter(_)))
-        .map(|j| (j.id, j.cursor.clone()))
-        .collect()
 }

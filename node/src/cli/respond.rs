@@ -338,7 +338,6 @@ pub async fn revoke_list(api: &Api, out: Output, a: ListArgs) -> anyhow::Result<
     let reader = chunk_reader(a.from_file.clone(), a.tenant.clone(), first, tx, lines.clone());
     let mut stream = api.revoke_list(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
     let progress = bar(0, "chunks");
-    progress.set_length(0);
     let mut last = None;
     let mut job_id = String::new();
     let outcome = loop {
