@@ -296,6 +296,7 @@ pub(crate) fn revoke_cascade(
             reason,
             actor: revocation.actor.clone(),
             at_ms: now,
+            expires_at_ms: s.expires_at_ms,
         });
         revoked.push(id);
     }

@@ -87,7 +87,7 @@ pub async fn run(
 
     let mut ctx = NodeCtx::new(&config, directory, host.clone(), clock, seams.entropy);
     ctx.clock_offset_ms = clock_offset_ms;
-    ctx.watch = watch;
+    ctx.watch = watch.clone();
     let ctx = Arc::new(ctx);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
@@ -105,6 +105,11 @@ pub async fn run(
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let hub = watch.clone();
+    let shutdown = async move {
+        shutdown.await;
+        hub.close();
+    };
     let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
     let served = tonic::transport::Server::builder()

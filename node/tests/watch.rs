@@ -1,6 +1,7 @@
 //! `WatchRevocations` on a real 3-node cluster on loopback: a snapshot of what was revoked
 //! before, events pushed from any node's revocations, heartbeats that say a replica is fresh,
-//! and a resumed stream that neither repeats nor skips an event.
+//! and a stream resumed on another node after the serving one stops, neither repeating nor skipping
+//! an event.
 
 mod support;
 
@@ -85,7 +86,7 @@ async fn revoke(client: &Client, session_id: &str) {
 async fn watch(client: &Client, cursors: Vec<pb::ShardCursor>) -> Streaming<pb::WatchRevocationsMessage> {
     client
         .clone()
-        .watch_revocations(pb::WatchRevocationsRequest { cursors })
+        .watch_revocations(pb::WatchRevocationsRequest { cursors, shards: vec![] })
         .await
         .expect("watch")
         .into_inner()
@@ -93,7 +94,7 @@ async fn watch(client: &Client, cursors: Vec<pb::ShardCursor>) -> Streaming<pb::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_snapshots_pushes_and_resumes_without_gaps_or_repeats() {
-    let cluster = TestCluster::start(3, N_SHARDS).await;
+    let mut cluster = TestCluster::start(3, N_SHARDS).await;
     let mut clients = Vec::new();
     for m in &cluster.members {
         clients.push(m.client().await);
@@ -152,12 +153,19 @@ async fn watch_snapshots_pushes_and_resumes_without_gaps_or_repeats() {
         s.cursors.get(&shard1).is_some_and(|c| *c >= event_index)
     })
     .await;
+    // The serving node goes down. While nobody listens: another revocation. Resuming from the
+    // cursors on another node (cursors are Raft log indexes, the same on every replica)
+    // delivers it, and only it.
+    cluster.members[1].stop().await;
+    match tokio::time::timeout(STATE_DEADLINE, stream.message()).await {
+        Ok(Ok(Some(_))) => {} // a message already in flight; the stream ends after it
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+        Err(_) => panic!("the stream of a stopped node neither ended nor failed"),
+    }
     drop(stream);
-
-    // While nobody listens: another revocation. Resuming from the cursors delivers it, and only it.
     revoke(&clients[0], &second.session_id).await;
     let mut resumed = Seen { cursors: seen.cursors.clone(), ..Seen::default() };
-    let mut stream = watch(&clients[1], seen.cursors()).await;
+    let mut stream = watch(&clients[2], seen.cursors()).await;
     read_until(&mut stream, &mut resumed, "the revocation made while away", |s| {
         s.sessions.contains_key(&second.session_id)
     })
@@ -174,7 +182,13 @@ async fn watch_refuses_bad_cursors() {
     let client = node.client.clone();
     let bad = |cursors: Vec<pb::ShardCursor>| {
         let client = client.clone();
-        async move { client.clone().watch_revocations(pb::WatchRevocationsRequest { cursors }).await.map(|_| ()) }
+        async move {
+            client
+                .clone()
+                .watch_revocations(pb::WatchRevocationsRequest { cursors, shards: vec![] })
+                .await
+                .map(|_| ())
+        }
     };
     let msg = expect_code(
         bad(vec![pb::ShardCursor { shard: 999, index: 0 }]).await,

@@ -143,19 +143,23 @@ impl fmt::Display for UserKey {
 /// FNV-1a, 64-bit: the named, stable hash that maps users to shards. It must never change for a
 /// given cluster (it decides where data lives), which is why `DefaultHasher` is not used.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    fnv1a64_extend(FNV_OFFSET, bytes)
 }
 
-/// Shard of a user: FNV-1a 64 of `tenant 0x00 user_id`, modulo the shard count.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 continued from `h` over `bytes` (hashing in pieces equals hashing the whole).
+fn fnv1a64_extend(h: u64, bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+/// Shard of a user: FNV-1a 64 of `tenant 0x00 user_id`, modulo the shard count. Allocates
+/// nothing (gateways call it on every local check).
 pub fn shard_of_user(tenant: &str, user_id: &str, n_shards: u16) -> ShardId {
     assert!(n_shards > 0, "a cluster has at least one shard");
-    let mut bytes = Vec::with_capacity(tenant.len() + 1 + user_id.len());
-    bytes.extend_from_slice(tenant.as_bytes());
-    bytes.push(0);
-    bytes.extend_from_slice(user_id.as_bytes());
-    (fnv1a64(&bytes) % u64::from(n_shards)) as ShardId
+    let h = fnv1a64_extend(fnv1a64_extend(fnv1a64(tenant.as_bytes()), &[0]), user_id.as_bytes());
+    (h % u64::from(n_shards)) as ShardId
 }
 
 #[cfg(test)]
@@ -169,6 +173,16 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(shard_of_user("acme", "alice", 64), shard_of_user("acme", "alice", 64));
+    }
+
+    proptest! {
+        /// The shard of a user is the hash of `tenant 0x00 user_id` in one buffer, however it is
+        /// computed.
+        #[test]
+        fn shard_of_user_hashes_tenant_nul_user(tenant in ".{0,20}", user in ".{0,20}", n in 1u16..512) {
+            let whole = [tenant.as_bytes(), &[0], user.as_bytes()].concat();
+            prop_assert_eq!(shard_of_user(&tenant, &user, n), (fnv1a64(&whole) % u64::from(n)) as ShardId);
+        }
     }
 
     #[test]

@@ -94,8 +94,22 @@ pub enum Outcome {
 /// A revocation a gateway must learn of.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RevocationEvent {
-    Session { session_id: SessionId, user: UserKey, reason: Reason, actor: String, at_ms: u64 },
-    Watermark { scope: WatermarkScope, watermark_ms: u64, reason: Reason, actor: String, at_ms: u64 },
+    /// `expires_at_ms`: the session's absolute expiry, after which a cache may forget it.
+    Session {
+        session_id: SessionId,
+        user: UserKey,
+        reason: Reason,
+        actor: String,
+        at_ms: u64,
+        expires_at_ms: u64,
+    },
+    Watermark {
+        scope: WatermarkScope,
+        watermark_ms: u64,
+        reason: Reason,
+        actor: String,
+        at_ms: u64,
+    },
 }
 
 /// What the state machine returns for each applied log entry.

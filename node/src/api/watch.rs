@@ -24,7 +24,7 @@ use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::outcome::RevocationEvent;
 use cascade_protocol::pb;
 use cascade_raft::sm::{ApplyObserver, EventsError, ShardReader};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,16 +43,33 @@ pub const WATCH_SLOW_CUTOFF: Duration = Duration::from_secs(2);
 /// Users read per storage page while streaming a snapshot.
 const SNAPSHOT_USERS_PAGE: usize = 256;
 
-/// What the watch streams of a node share: a wake-up when events apply, and the subscriber count.
-#[derive(Default)]
+/// What the watch streams of a node share: a wake-up when events apply, the subscriber count,
+/// and the signal that the node is shutting down.
 pub struct WatchHub {
     applied: Notify,
     subscribers: AtomicUsize,
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for WatchHub {
+    fn default() -> Self {
+        WatchHub {
+            applied: Notify::new(),
+            subscribers: AtomicUsize::new(0),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 impl WatchHub {
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Ends every stream with UNAVAILABLE (the node is shutting down; a graceful stop waits for
+    /// open streams, which would otherwise never end).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 }
 
@@ -97,29 +114,46 @@ enum Stop {
 /// Validates the request and starts the subscriber's task.
 pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<WatchStream, Status> {
     let mut cursors: BTreeMap<ShardId, Option<u64>> = BTreeMap::new();
-    if req.cursors.len() > usize::from(ctx.n_shards) {
+    if req.cursors.len() > usize::from(ctx.n_shards) || req.shards.len() > usize::from(ctx.n_shards) {
         return Err(Status::invalid_argument(format!(
-            "cursors: {} given, the cluster has {} shards",
+            "cursors/shards: {}/{} given, the cluster has {} shards",
             req.cursors.len(),
+            req.shards.len(),
             ctx.n_shards
         )));
     }
-    for c in &req.cursors {
-        let shard = ShardId::try_from(c.shard)
+    let replica = |field: &str, shard: u32| -> Result<ShardId, Status> {
+        let shard = ShardId::try_from(shard)
             .ok()
             .filter(|s| *s < ctx.n_shards)
-            .ok_or_else(|| Status::invalid_argument(format!("cursors: no shard {}", c.shard)))?;
+            .ok_or_else(|| Status::invalid_argument(format!("{field}: no shard {shard}")))?;
         if !ctx.is_replica(shard) {
             return Err(Status::failed_precondition(format!(
                 "node {} holds no replica of shard {shard}: watch it on a node that does",
                 ctx.node_id
             )));
         }
+        Ok(shard)
+    };
+    let mut wanted = BTreeSet::new();
+    for &shard in &req.shards {
+        if !wanted.insert(replica("shards", shard)?) {
+            return Err(Status::invalid_argument(format!("shards: shard {shard} given twice")));
+        }
+    }
+    if wanted.is_empty() {
+        wanted.extend((0..ctx.n_shards).filter(|s| ctx.is_replica(*s)));
+    }
+    for c in &req.cursors {
+        let shard = replica("cursors", c.shard)?;
+        if !wanted.contains(&shard) {
+            return Err(Status::invalid_argument(format!("cursors: shard {shard} is not among shards")));
+        }
         if cursors.insert(shard, Some(c.index)).is_some() {
             return Err(Status::invalid_argument(format!("cursors: shard {shard} given twice")));
         }
     }
-    for shard in (0..ctx.n_shards).filter(|s| ctx.is_replica(*s)) {
+    for shard in wanted {
         cursors.entry(shard).or_insert(None);
     }
     let hub = ctx.watch.clone();
@@ -130,11 +164,20 @@ pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<Watc
             ctx.node_id
         )));
     }
+    let mut closing = hub.closing.subscribe();
     let subscribed = Subscribed(hub);
     let (tx, rx) = mpsc::channel(WATCH_QUEUE_MAX + 1);
     tokio::spawn(async move {
         let _subscribed = subscribed;
-        if let Err(Stop::Status(status)) = serve(&ctx, cursors, &tx).await {
+        let node = ctx.node_id;
+        let served = tokio::select! {
+            served = serve(&ctx, cursors, &tx) => served,
+            _ = closing.wait_for(|closing| *closing) => Err(Stop::Status(Status::unavailable(format!(
+                "node {node} is shutting down: resume with the cursors of the last message received on \
+                 another replica"
+            )))),
+        };
+        if let Err(Stop::Status(status)) = served {
             // Data is sent only while two slots are free, so this one always fits.
             let _ = tx.try_send(Err(status));
         }
@@ -167,8 +210,25 @@ fn reader(ctx: &NodeCtx, shard: ShardId) -> Result<&ShardReader, Stop> {
         .ok_or_else(|| Stop::Status(Status::internal(format!("shard {shard} has no reader"))))
 }
 
-fn progress(ctx: &NodeCtx, shard: ShardId, index: u64) -> pb::ShardProgress {
-    let staleness = ctx.staleness_ms(shard);
+/// A replica's freshness, read before the events it vouches for are: a proof read first covers
+/// at most what was applied then, and every event up to there is read (and sent) after it. Read
+/// the other way round, a proof could cover an entry applied between the read of the events
+/// and the proof, which the subscriber would then count as seen without having it.
+struct Vouch {
+    read_at: tokio::time::Instant,
+    staleness_ms: Option<u64>,
+}
+
+fn vouch(ctx: &NodeCtx, shard: ShardId) -> Vouch {
+    Vouch { read_at: tokio::time::Instant::now(), staleness_ms: ctx.staleness_ms(shard) }
+}
+
+/// The cursor and freshness of `shard` for the wire, the staleness aged by the time since it
+/// was read (a snapshot can take a while).
+fn progress(ctx: &NodeCtx, shard: ShardId, index: u64, vouch: &Vouch) -> pb::ShardProgress {
+    let aged = u64::try_from(vouch.read_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let staleness =
+        vouch.staleness_ms.map(|s| s.saturating_add(aged)).filter(|s| *s <= ctx.host.freshness.bound_ms);
     pb::ShardProgress {
         shard: u32::from(shard),
         index,
@@ -193,11 +253,14 @@ async fn serve(ctx: &NodeCtx, cursors: BTreeMap<ShardId, Option<u64>>, tx: &Tx) 
         let applied = ctx.watch.applied.notified();
         tokio::pin!(applied);
         applied.as_mut().enable();
+        let vouches: Option<Vec<Vouch>> = (tokio::time::Instant::now() >= next_heartbeat)
+            .then(|| at.keys().map(|shard| vouch(ctx, *shard)).collect());
         for (shard, cursor) in at.iter_mut() {
             drain(ctx, *shard, cursor, tx).await?;
         }
-        if tokio::time::Instant::now() >= next_heartbeat {
-            let progress = at.iter().map(|(shard, index)| progress(ctx, *shard, *index)).collect();
+        if let Some(vouches) = vouches {
+            let progress =
+                at.iter().zip(&vouches).map(|((shard, index), v)| progress(ctx, *shard, *index, v)).collect();
             send(tx, message(ctx, Vec::new(), progress, Vec::new())).await?;
             next_heartbeat = tokio::time::Instant::now() + heartbeat;
         }
@@ -213,6 +276,7 @@ async fn serve(ctx: &NodeCtx, cursors: BTreeMap<ShardId, Option<u64>>, tx: &Tx) 
 async fn drain(ctx: &NodeCtx, shard: ShardId, cursor: &mut u64, tx: &Tx) -> Result<(), Stop> {
     let reader = reader(ctx, shard)?;
     while *cursor < reader.applied_index() {
+        let vouch = vouch(ctx, shard);
         let page = match reader.events_since(*cursor, WATCH_EVENTS_PER_MESSAGE) {
             Ok(page) => page,
             Err(EventsError::Pruned { events_after }) => {
@@ -229,7 +293,7 @@ async fn drain(ctx: &NodeCtx, shard: ShardId, cursor: &mut u64, tx: &Tx) -> Resu
             break;
         }
         let events = page.events.iter().map(|(index, e)| event_to_pb(shard, *index, e)).collect();
-        send(tx, message(ctx, events, vec![progress(ctx, shard, page.through)], Vec::new())).await?;
+        send(tx, message(ctx, events, vec![progress(ctx, shard, page.through, &vouch)], Vec::new())).await?;
         *cursor = page.through;
     }
     Ok(())
@@ -238,6 +302,7 @@ async fn drain(ctx: &NodeCtx, shard: ShardId, cursor: &mut u64, tx: &Tx) -> Resu
 /// Streams the snapshot of `shard`; returns the cursor the events continue from.
 async fn snapshot(ctx: &NodeCtx, shard: ShardId, tx: &Tx) -> Result<u64, Stop> {
     let reader = reader(ctx, shard)?;
+    let vouch = vouch(ctx, shard);
     let index = reader.applied_index();
     let now_ms = ctx.clock.now_ms();
     let mut events = meta_watermarks(shard, &reader.meta());
@@ -257,7 +322,7 @@ async fn snapshot(ctx: &NodeCtx, shard: ShardId, tx: &Tx) -> Result<u64, Stop> {
         }
     }
     let done = vec![u32::from(shard)];
-    send(tx, message(ctx, events, vec![progress(ctx, shard, index)], done)).await?;
+    send(tx, message(ctx, events, vec![progress(ctx, shard, index, &vouch)], done)).await?;
     Ok(index)
 }
 
@@ -320,11 +385,12 @@ fn event(
 pub fn event_to_pb(shard: ShardId, index: u64, e: &RevocationEvent) -> pb::RevocationEvent {
     use pb::revocation_event::What;
     match e {
-        RevocationEvent::Session { session_id, user, reason, actor, at_ms } => {
+        RevocationEvent::Session { session_id, user, reason, actor, at_ms, expires_at_ms } => {
             let what = What::Session(pb::RevokedSessionEvent {
                 session_id: session_id.to_string(),
                 tenant: user.tenant.clone(),
                 user_id: user.user_id.clone(),
+                expires_at_ms: *expires_at_ms,
             });
             event(shard, index, *reason, actor, *at_ms, what)
         }
@@ -372,6 +438,7 @@ fn user_revocations(shard: ShardId, user: &UserState, now_ms: u64, out: &mut Vec
             session_id: s.id.to_string(),
             tenant: user.key.tenant.clone(),
             user_id: user.key.user_id.clone(),
+            expires_at_ms: s.expires_at_ms,
         });
         out.push(event(shard, 0, revoked.reason, &revoked.actor, revoked.at_ms, what));
     }

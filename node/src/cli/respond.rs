@@ -449,7 +449,7 @@ pub async fn audit(api: &Api, out: Output, a: AuditArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn watch(api: &Api, out: Output, a: WatchArgs) -> anyhow::Result<u8> {
-    let mut stream = api.watch_revocations(pb::WatchRevocationsRequest { cursors: vec![] }).await?;
+    let mut stream = api.watch_revocations(pb::WatchRevocationsRequest::default()).await?;
     let mut seen = 0u64;
     loop {
         let msg = match stream.message().await {
