@@ -74,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
 
     // The identity provider's side: sessions for a fresh set of users.
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
-    let mut idp = CascadeClient::connect(format!("http://{}", args.addr.trim_start_matches("http://"))).await?;
+    let mut idp =
+        CascadeClient::connect(format!("http://{}", args.addr.trim_start_matches("http://"))).await?;
     let mut tokens = Vec::with_capacity(args.users);
     for i in 0..args.users {
         let user_id = format!("user-{run}-{i}");
@@ -89,7 +90,12 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
             .into_inner();
-        tokens.push(Token { session_id: r.session_id, user_id, created_at_ms: r.created_at_ms, expires_at_ms: r.expires_at_ms });
+        tokens.push(Token {
+            session_id: r.session_id,
+            user_id,
+            created_at_ms: r.created_at_ms,
+            expires_at_ms: r.expires_at_ms,
+        });
     }
     println!("created {} sessions", tokens.len());
 
@@ -134,13 +140,20 @@ async fn main() -> anyhow::Result<()> {
         match cache.check_local(&victim.claims(), None, 0) {
             Ok(a) if matches!(a.verdict, Verdict::Revoked(_)) => break,
             Ok(_) | Err(cascade_client::Error::Stale { .. }) => {
-                anyhow::ensure!(acked.elapsed() < Duration::from_secs(5), "the cache did not see the revocation");
+                anyhow::ensure!(
+                    acked.elapsed() < Duration::from_secs(5),
+                    "the cache did not see the revocation"
+                );
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             Err(e) => return Err(e.into()),
         }
     }
-    println!("user {} revoked: refused by the local cache {} µs after the ack", victim.user_id, acked.elapsed().as_micros());
+    println!(
+        "user {} revoked: refused by the local cache {} µs after the ack",
+        victim.user_id,
+        acked.elapsed().as_micros()
+    );
     let other = cache.check(&tokens[1].claims(), None, 0).await?;
     anyhow::ensure!(other.verdict.is_valid(), "another user's session turned {:?}", other.verdict);
     println!("another user's session: {:?} ({:?})", other.verdict, other.source);

@@ -93,7 +93,8 @@ async fn remote_checks_are_routed_batched_and_retried_past_a_stopped_node() {
         };
         raw.clone().revoke_session(req).await.expect("revoke");
     }
-    let expected = |i: usize| if i.is_multiple_of(3) { pb::CheckStatus::Revoked } else { pb::CheckStatus::Valid };
+    let expected =
+        |i: usize| if i.is_multiple_of(3) { pb::CheckStatus::Revoked } else { pb::CheckStatus::Valid };
     // P2: a check that starts a bound after the acks sees them on every replica.
     after_ms(now_ms() + BOUND.as_millis() as u64 + 100).await;
 

@@ -13,6 +13,8 @@ use support::*;
 use tonic::Streaming;
 
 const N_SHARDS: u16 = 4;
+/// The nodes' revocation bound (the default).
+const REVOCATION_BOUND_MS: u64 = 500;
 
 /// What a subscriber has seen so far.
 #[derive(Default)]
@@ -113,7 +115,9 @@ async fn watch_snapshots_pushes_and_resumes_without_gaps_or_repeats() {
     };
     clients[0].clone().set_watermark(mark).await.expect("watermark");
 
-    // The snapshot, from another node, has both; every shard reports fresh.
+    // The snapshot, from another node, has both; every shard reports fresh. (Past the bound,
+    // so the other node's replica has applied both: a snapshot shows what its replica holds.)
+    after_ms(now_ms() + REVOCATION_BOUND_MS + 100).await;
     let mut stream = watch(&clients[1], Vec::new()).await;
     let mut seen = Seen::default();
     read_until(&mut stream, &mut seen, "the snapshot of every shard", |s| {
@@ -199,4 +203,43 @@ async fn watch_refuses_bad_cursors() {
     let twice = vec![pb::ShardCursor { shard: 0, index: 0 }, pb::ShardCursor { shard: 0, index: 3 }];
     let msg = expect_code(bad(twice).await, tonic::Code::InvalidArgument, "shard twice");
     assert!(msg.contains("twice"), "{msg}");
+}
+
+/// On a 4-node cluster (3 replicas per shard) a node lacks some shards; watching it still
+/// covers every shard: those it holds no replica of are relayed from a node that does, snapshot
+/// and pushed events alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_a_node_without_a_replica_relays_the_missing_shards() {
+    let cluster = TestCluster::start(4, N_SHARDS).await;
+    let mut watcher = None;
+    for m in &cluster.members {
+        let status = m.status().await;
+        let missing: Vec<u32> =
+            status.shards.iter().filter(|s| !s.voters.contains(&m.id)).map(|s| s.shard).collect();
+        if !missing.is_empty() {
+            watcher = Some((m.client().await, missing));
+            break;
+        }
+    }
+    let (client, missing) = watcher.expect("with 4 nodes and 3 replicas some node lacks a shard");
+    let mut stream = watch(&client, Vec::new()).await;
+    let mut seen = Seen::default();
+    read_until(&mut stream, &mut seen, "the snapshot of every shard", |s| {
+        s.snapshot_done.len() == N_SHARDS as usize
+    })
+    .await;
+    read_until(&mut stream, &mut seen, "a fresh heartbeat of every shard", |s| {
+        s.fresh.len() == N_SHARDS as usize && s.fresh.values().all(|f| *f)
+    })
+    .await;
+    // A revocation on a shard the watched node does not hold is pushed through it.
+    let shard = u16::try_from(missing[0]).expect("shard number");
+    let user = user_on_shard("acme", "relay", shard, N_SHARDS);
+    let writer = cluster.members[0].client().await;
+    let s = create(&mut writer.clone(), create_req("acme", &user, "web")).await;
+    revoke(&writer, &s.session_id).await;
+    read_until(&mut stream, &mut seen, "the relayed revocation", |seen| {
+        seen.sessions.contains_key(&s.session_id)
+    })
+    .await;
 }

@@ -278,7 +278,8 @@ impl Cascade for CascadeService {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Reply<Self::WatchRevocationsStream> {
-        crate::api::watch::watch(self.ctx.clone(), request.into_inner()).map(Response::new)
+        let forwarded = forwarded(&request);
+        crate::api::watch::watch(self.ctx.clone(), request.into_inner(), forwarded).map(Response::new)
     }
 
     async fn check_session(

@@ -185,7 +185,7 @@ impl NodeCtx {
 
     /// The leader of `shard` and its address: as the local replica knows it, or, on a node
     /// without a replica, as the peers report it.
-    async fn leader_route(&self, shard: ShardId, raft: &Raft) -> Option<(u64, String)> {
+    pub(crate) async fn leader_route(&self, shard: ShardId, raft: &Raft) -> Option<(u64, String)> {
         match routing::leader_of(raft) {
             Some((leader, node)) => Some((leader, node.addr)),
             None if !self.is_replica(shard) => {

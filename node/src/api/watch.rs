@@ -1,5 +1,6 @@
-//! `WatchRevocations`: revocations pushed to gateways as they apply, from the shards this node
-//! holds a replica of.
+//! `WatchRevocations`: revocations pushed to gateways as they apply, for every shard: those this
+//! node holds a replica of are served here, the others relayed from a node that leads them
+//! ([`relay`]).
 //!
 //! Events come from each shard's event log (raft/src/sm.rs), read after the subscriber's
 //! cursor (a Raft log index), never from a per-subscriber buffer: a subscriber costs a task, a
@@ -23,7 +24,9 @@ use cascade_protocol::command::{Reason, WatermarkScope};
 use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::outcome::RevocationEvent;
 use cascade_protocol::pb;
+use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_raft::sm::{ApplyObserver, EventsError, ShardReader};
+use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +41,8 @@ pub const WATCH_SUBSCRIBERS_MAX: usize = 4096;
 pub const WATCH_QUEUE_MAX: usize = 64;
 /// Events per message at most (a message never splits the events of one log entry).
 pub const WATCH_EVENTS_PER_MESSAGE: usize = 256;
+/// How long opening an upstream stream for relayed shards may take.
+const RELAY_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a subscriber's queue may stay full before it is cut off.
 pub const WATCH_SLOW_CUTOFF: Duration = Duration::from_secs(2);
 /// Users read per storage page while streaming a snapshot.
@@ -111,9 +116,15 @@ enum Stop {
     Status(Status),
 }
 
-/// Validates the request and starts the subscriber's task.
-pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<WatchStream, Status> {
-    let mut cursors: BTreeMap<ShardId, Option<u64>> = BTreeMap::new();
+/// Validates the request and starts the subscriber's task. Shards this node holds no replica
+/// of are relayed: one upstream stream per node that leads some of them, its messages passed
+/// through the same queue (`forwarded`: this request is such a relay, which must not relay
+/// again).
+pub fn watch(
+    ctx: Arc<NodeCtx>,
+    req: pb::WatchRevocationsRequest,
+    forwarded: bool,
+) -> Result<WatchStream, Status> {
     if req.cursors.len() > usize::from(ctx.n_shards) || req.shards.len() > usize::from(ctx.n_shards) {
         return Err(Status::invalid_argument(format!(
             "cursors/shards: {}/{} given, the cluster has {} shards",
@@ -122,30 +133,24 @@ pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<Watc
             ctx.n_shards
         )));
     }
-    let replica = |field: &str, shard: u32| -> Result<ShardId, Status> {
-        let shard = ShardId::try_from(shard)
+    let shard_of = |field: &str, shard: u32| -> Result<ShardId, Status> {
+        ShardId::try_from(shard)
             .ok()
             .filter(|s| *s < ctx.n_shards)
-            .ok_or_else(|| Status::invalid_argument(format!("{field}: no shard {shard}")))?;
-        if !ctx.is_replica(shard) {
-            return Err(Status::failed_precondition(format!(
-                "node {} holds no replica of shard {shard}: watch it on a node that does",
-                ctx.node_id
-            )));
-        }
-        Ok(shard)
+            .ok_or_else(|| Status::invalid_argument(format!("{field}: no shard {shard}")))
     };
     let mut wanted = BTreeSet::new();
     for &shard in &req.shards {
-        if !wanted.insert(replica("shards", shard)?) {
+        if !wanted.insert(shard_of("shards", shard)?) {
             return Err(Status::invalid_argument(format!("shards: shard {shard} given twice")));
         }
     }
     if wanted.is_empty() {
-        wanted.extend((0..ctx.n_shards).filter(|s| ctx.is_replica(*s)));
+        wanted.extend(0..ctx.n_shards);
     }
+    let mut cursors: BTreeMap<ShardId, Option<u64>> = BTreeMap::new();
     for c in &req.cursors {
-        let shard = replica("cursors", c.shard)?;
+        let shard = shard_of("cursors", c.shard)?;
         if !wanted.contains(&shard) {
             return Err(Status::invalid_argument(format!("cursors: shard {shard} is not among shards")));
         }
@@ -155,6 +160,16 @@ pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<Watc
     }
     for shard in wanted {
         cursors.entry(shard).or_insert(None);
+    }
+    let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        cursors.into_iter().partition(|(shard, _)| ctx.is_replica(*shard));
+    if forwarded {
+        if let Some(shard) = remote.keys().next() {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no replica of shard {shard} (relayed request): resubscribe",
+                ctx.node_id
+            )));
+        }
     }
     let hub = ctx.watch.clone();
     if hub.subscribers.fetch_add(1, Ordering::Relaxed) >= WATCH_SUBSCRIBERS_MAX {
@@ -171,7 +186,8 @@ pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<Watc
         let _subscribed = subscribed;
         let node = ctx.node_id;
         let served = tokio::select! {
-            served = serve(&ctx, cursors, &tx) => served,
+            served = serve(&ctx, local.clone(), &tx), if !local.is_empty() => served,
+            relayed = relay(&ctx, &remote, &tx), if !remote.is_empty() => relayed,
             _ = closing.wait_for(|closing| *closing) => Err(Stop::Status(Status::unavailable(format!(
                 "node {node} is shutting down: resume with the cursors of the last message received on \
                  another replica"
@@ -183,6 +199,55 @@ pub fn watch(ctx: Arc<NodeCtx>, req: pb::WatchRevocationsRequest) -> Result<Watc
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// Passes through the streams of the nodes that lead `cursors`' shards, until one ends.
+async fn relay(ctx: &NodeCtx, cursors: &BTreeMap<ShardId, Option<u64>>, tx: &Tx) -> Result<(), Stop> {
+    let mut by_node: BTreeMap<String, pb::WatchRevocationsRequest> = BTreeMap::new();
+    for (&shard, cursor) in cursors {
+        let raft = ctx.raft(shard).map_err(|e| Stop::Status(e.into()))?;
+        let (_, addr) = ctx.leader_route(shard, &raft).await.ok_or_else(|| {
+            Stop::Status(Status::unavailable(format!(
+                "shard {shard}: no replica found to relay from; resubscribe"
+            )))
+        })?;
+        let req = by_node.entry(addr).or_default();
+        req.shards.push(u32::from(shard));
+        if let Some(index) = cursor {
+            req.cursors.push(pb::ShardCursor { shard: u32::from(shard), index: *index });
+        }
+    }
+    let mut upstreams = Vec::new();
+    for (addr, req) in by_node {
+        let channel = ctx
+            .host
+            .peers
+            .channel(&addr)
+            .map_err(|e| Stop::Status(Status::unavailable(format!("relay from {addr}: {e}"))))?;
+        let mut request = tonic::Request::new(req);
+        if let Ok(v) = ctx.node_id.to_string().parse() {
+            request.metadata_mut().insert(crate::api::ctx::FORWARDED_HEADER, v);
+        }
+        let opened =
+            tokio::time::timeout(RELAY_OPEN_TIMEOUT, CascadeClient::new(channel).watch_revocations(request))
+                .await
+                .map_err(|_| {
+                    Stop::Status(Status::unavailable(format!("relay from {addr}: not opened in time")))
+                })?
+                .map_err(Stop::Status)?;
+        upstreams.push(opened.into_inner());
+    }
+    let mut merged = futures::stream::select_all(upstreams);
+    loop {
+        tokio::select! {
+            next = merged.next() => match next {
+                Some(Ok(msg)) => send(tx, msg).await?,
+                Some(Err(status)) => return Err(Stop::Status(status)),
+                None => return Err(Stop::Status(Status::unavailable("relayed stream ended; resume with your cursors"))),
+            },
+            _ = tx.closed() => return Err(Stop::Gone),
+        }
+    }
 }
 
 type Tx = mpsc::Sender<Result<pb::WatchRevocationsMessage, Status>>;

@@ -1,0 +1,148 @@
+//! A local cluster for the benchmarks: 3 nodes in 3 regions on loopback, each on its own thread
+//! with its own tokio runtime and temp data dir, stopped (gracefully, then the dirs removed)
+//! when dropped.
+
+use anyhow::Context;
+use cascade_node::config::{ClusterNode, NodeConfig};
+use cascade_node::seams::Seams;
+use cascade_protocol::pb;
+use cascade_protocol::pb::cascade_client::CascadeClient;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+
+pub const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+/// How long the cluster may take to elect a leader for every shard.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a node may take to stop.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+struct Node {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct BenchCluster {
+    pub addrs: Vec<SocketAddr>,
+    pub n_shards: u16,
+    nodes: Vec<Node>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl BenchCluster {
+    /// Starts `n` nodes with `n_shards` shards and waits until every shard has a leader and a
+    /// fresh replica on every node.
+    pub async fn start(n: usize, n_shards: u16) -> anyhow::Result<BenchCluster> {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a loopback port")?;
+            l.set_nonblocking(true)?;
+            listeners.push(l);
+        }
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+        let members: Vec<ClusterNode> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| ClusterNode {
+                id: i as u64 + 1,
+                addr: a.to_string(),
+                region: REGIONS[i % 3].into(),
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let dir = tempfile::tempdir().context("temp dir")?;
+            let mut config = NodeConfig {
+                node_id: i as u64 + 1,
+                listen: addrs[i],
+                data_dir: dir.path().to_path_buf(),
+                shards: n_shards,
+                region: REGIONS[i % 3].into(),
+                ..NodeConfig::default()
+            };
+            config.cluster.nodes = members.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new().name(format!("node-{}", i + 1)).spawn(move || {
+                let rt =
+                    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let seams = Seams::production(listener, &config.data_dir.clone(), config.node_id);
+                    cascade_node::run(config, seams, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                })
+            })?;
+            nodes.push(Node { shutdown: Some(tx), thread: Some(thread) });
+            dirs.push(dir);
+        }
+        let cluster = BenchCluster { addrs, n_shards, nodes, _dirs: dirs };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// A client of node `i` (one HTTP/2 connection).
+    pub async fn client(&self, i: usize) -> anyhow::Result<CascadeClient<Channel>> {
+        connect(self.addrs[i]).await
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for i in 0..self.addrs.len() {
+            loop {
+                anyhow::ensure!(
+                    started.elapsed() < READY_DEADLINE,
+                    "cluster not ready after {READY_DEADLINE:?}"
+                );
+                if let Ok(mut c) = self.client(i).await {
+                    if let Ok(s) = c.node_status(pb::NodeStatusRequest {}).await {
+                        let s = s.into_inner();
+                        if s.shards.len() == usize::from(self.n_shards)
+                            && s.shards.iter().all(|sh| sh.leader != 0 && sh.fresh)
+                        {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<CascadeClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    Ok(CascadeClient::new(channel).max_decoding_message_size(16 << 20))
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(tx) = node.shutdown.take() {
+                let _ = tx.send(());
+            }
+        }
+        let deadline = Instant::now() + STOP_DEADLINE;
+        for node in &mut self.nodes {
+            let Some(thread) = node.thread.take() else { continue };
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if thread.is_finished() {
+                if let Ok(Err(e)) = thread.join() {
+                    eprintln!("a node stopped with an error: {e:#}");
+                }
+            } else {
+                eprintln!("a node did not stop within {STOP_DEADLINE:?}; leaving it");
+            }
+        }
+    }
+}

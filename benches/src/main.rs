@@ -1,0 +1,118 @@
+//! `benches`: scenario benchmarks against a local 3-node cluster it starts itself (in-process
+//! nodes, each on its own runtime, loopback, temp dirs). Prints Markdown tables of hdrhistogram
+//! percentiles and writes the results as JSON with a description of the machine.
+//!
+//! ```sh
+//! cargo run --release -p benches -- incident            # all incident-response scenarios
+//! cargo run --release -p benches -- incident --quick    # smaller sizes, about a minute
+//! cargo run --release -p benches -- mass-revoke --sessions 1000000
+//! ```
+
+mod cluster;
+mod load;
+mod scenarios;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Cascade scenario benchmarks on a local 3-node cluster")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Shards of the cluster.
+    #[arg(long, global = true, default_value_t = 16)]
+    shards: u16,
+    /// Where to write the JSON results.
+    #[arg(long, global = true, default_value = "target/bench/results.json")]
+    json: PathBuf,
+    /// Smaller sizes (a quick look, not a reference run).
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Watermark revocation of a tenant: time from ack until every replica rejects its sessions.
+    MassRevoke {
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
+        sessions: u64,
+        /// Sessions polled on every node after the ack (fewer: finer time resolution).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        sample: u64,
+    },
+    /// A RevokeList job over many users: throughput and chunk acknowledgement latency.
+    ListJob {
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        users: u64,
+    },
+    /// Push latency from a revocation's ack to the median and the last of many watch subscribers.
+    WatchFanout {
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        subscribers: u64,
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        samples: u64,
+    },
+    /// mass-revoke, list-job and watch-fanout with their default sizes, one cluster each.
+    Incident,
+}
+
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory_gib": mem_kib as f64 / 1024.0 / 1024.0,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; run with --release for numbers worth quoting");
+    }
+    let q = |full: u64, quick: u64| if args.quick { quick } else { full };
+    let runs: Vec<Scenario> = match args.scenario {
+        Scenario::Incident => vec![
+            Scenario::MassRevoke { sessions: q(1_000_000, 50_000), sample: 200 },
+            Scenario::ListJob { users: q(100_000, 10_000) },
+            Scenario::WatchFanout { subscribers: 1_000, samples: q(200, 50) },
+        ],
+        one => vec![one],
+    };
+    let mut results = Vec::new();
+    for run in runs {
+        let cluster = cluster::BenchCluster::start(3, args.shards).await?;
+        let result = match run {
+            Scenario::MassRevoke { sessions, sample } => {
+                scenarios::mass_revoke(&cluster, sessions, sample).await?
+            }
+            Scenario::ListJob { users } => scenarios::list_job(&cluster, users).await?,
+            Scenario::WatchFanout { subscribers, samples } => {
+                scenarios::watch_fanout(&cluster, subscribers as usize, samples as usize).await?
+            }
+            Scenario::Incident => unreachable!("expanded above"),
+        };
+        results.push(result);
+        drop(cluster);
+    }
+    let out = serde_json::json!({ "machine": machine(), "shards": args.shards, "results": results });
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;
+    println!("\nresults written to {}", args.json.display());
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The incident-response scenarios: a watermark mass revocation over a large tenant, a
+//! list-based job over many users, and push latency to many watch subscribers.
+
+use crate::cluster::{connect, BenchCluster};
+use crate::load::{create_sessions, histogram, micros, percentiles, revocation, table_header};
+use cascade_protocol::pb;
+use cascade_protocol::pb::cascade_client::CascadeClient;
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// The nodes' revocation bound (P2, their default).
+const BOUND: Duration = Duration::from_millis(500);
+/// Past the bound: every replica answers what was acknowledged before.
+const PAST_BOUND: Duration = Duration::from_millis(600);
+/// Longest wait for a revocation to show anywhere (a violation of P2 long before).
+const SHOW_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest wait for a job to finish.
+const JOB_DEADLINE: Duration = Duration::from_secs(600);
+/// List targets per RevokeList chunk (the protocol's maximum).
+const LIST_CHUNK: usize = 1_000;
+/// Chunks sent ahead of their acknowledgement.
+const CHUNKS_AHEAD: usize = 8;
+
+async fn clients(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
+    let mut out = Vec::new();
+    for i in 0..cluster.addrs.len() {
+        out.push(cluster.client(i).await?);
+    }
+    Ok(out)
+}
+
+/// Checks `ids` on `client` in batches of 256; the statuses in order.
+async fn check_all(client: &CascadeClient<Channel>, ids: &[String]) -> anyhow::Result<Vec<pb::CheckStatus>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(256) {
+        let checks = chunk
+            .iter()
+            .map(|id| pb::CheckSessionRequest { session_id: id.clone(), ..Default::default() })
+            .collect();
+        let r = client.clone().check_session_batch(pb::CheckSessionBatchRequest { checks }).await?;
+        out.extend(r.into_inner().results.iter().map(|r| r.status()));
+    }
+    Ok(out)
+}
+
+/// What polling the replicas after a revocation found.
+struct Rejections {
+    /// Per (id, node): from the ack to the arrival of the first answer that said REVOKED (an
+    /// upper bound: the answer may have turned up to one poll round earlier).
+    every: hdrhistogram::Histogram<u64>,
+    /// Per id: the same, for the last node to say so.
+    last: hdrhistogram::Histogram<u64>,
+    /// VALID answers to checks sent after ack + bound (P2 violations).
+    late_valid: u64,
+    /// Longest poll round (the resolution of the numbers above).
+    round_max: std::time::Duration,
+}
+
+/// Polls every node, all of `ids` at once in concurrent batches of 256 per round, until each
+/// node answers REVOKED for every id.
+async fn until_revoked_everywhere(
+    clients: &[CascadeClient<Channel>],
+    ids: &[String],
+    acked: Instant,
+    bound: Duration,
+) -> anyhow::Result<Rejections> {
+    let per_node = clients.iter().map(|client| async move {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut late_valid = 0u64;
+        let mut round_max = Duration::ZERO;
+        while seen.len() < ids.len() {
+            anyhow::ensure!(
+                acked.elapsed() < SHOW_DEADLINE,
+                "not revoked everywhere after {SHOW_DEADLINE:?}"
+            );
+            let pending: Vec<String> = ids.iter().filter(|id| !seen.contains_key(*id)).cloned().collect();
+            let sent = Instant::now();
+            let rounds = pending.chunks(256).map(|chunk| async move {
+                let statuses = check_all(client, chunk).await?;
+                Ok::<_, anyhow::Error>((chunk, statuses, Instant::now()))
+            });
+            for (chunk, statuses, at) in futures::future::try_join_all(rounds).await? {
+                for (id, s) in chunk.iter().zip(statuses) {
+                    match s {
+                        pb::CheckStatus::Revoked => {
+                            seen.insert(id.clone(), micros(at.duration_since(acked)));
+                        }
+                        pb::CheckStatus::Valid if sent.duration_since(acked) > bound => late_valid += 1,
+                        _ => {}
+                    }
+                }
+            }
+            round_max = round_max.max(sent.elapsed());
+        }
+        Ok::<_, anyhow::Error>((seen, late_valid, round_max))
+    });
+    let per_node = futures::future::try_join_all(per_node).await?;
+    let mut r =
+        Rejections { every: histogram(), last: histogram(), late_valid: 0, round_max: Duration::ZERO };
+    for (_, late, round) in &per_node {
+        r.late_valid += late;
+        r.round_max = r.round_max.max(*round);
+    }
+    for id in ids {
+        let times: Vec<u64> = per_node.iter().map(|(seen, _, _)| seen[id]).collect();
+        for t in &times {
+            r.every.record(*t)?;
+        }
+        r.last.record(times.into_iter().max().unwrap_or(1))?;
+    }
+    Ok(r)
+}
+
+async fn wait_job_done(client: &CascadeClient<Channel>, job_id: &str) -> anyhow::Result<pb::RevokeJobInfo> {
+    let started = Instant::now();
+    loop {
+        let info = client
+            .clone()
+            .get_revoke_job(pb::GetRevokeJobRequest { job_id: job_id.to_owned(), shards: vec![] })
+            .await?
+            .into_inner();
+        if info.state == "done" {
+            return Ok(info);
+        }
+        anyhow::ensure!(info.state == "running", "job {job_id} ended {}", info.state);
+        anyhow::ensure!(started.elapsed() < JOB_DEADLINE, "job {job_id} not done after {JOB_DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A tenant of `sessions` sessions revoked by one `StartRevokeJob` (a watermark: one command
+/// per shard); `sample` of them polled on every node until each answers REVOKED.
+pub async fn mass_revoke(
+    cluster: &BenchCluster,
+    sessions: u64,
+    sample: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let clients = clients(cluster).await?;
+    let per_user = 4;
+    eprintln!("mass-revoke: loading {sessions} sessions into tenant \"mass\"");
+    let loaded = Instant::now();
+    let ids: Vec<String> = create_sessions(
+        &clients,
+        "mass",
+        "m",
+        sessions / per_user,
+        per_user,
+        256,
+        (sessions / sample).max(1),
+    )
+    .await?
+    .into_iter()
+    .map(|(_, id)| id)
+    .collect();
+    let load_s = loaded.elapsed().as_secs_f64();
+    tokio::time::sleep(PAST_BOUND).await;
+    for c in &clients {
+        let statuses = check_all(c, &ids).await?;
+        anyhow::ensure!(
+            statuses.iter().all(|s| *s == pb::CheckStatus::Valid),
+            "a sampled session is not valid before"
+        );
+    }
+    let started = Instant::now();
+    let selector = pb::SessionSelector { tenant: "mass".into(), ..Default::default() };
+    let req = pb::StartRevokeJobRequest {
+        selector: Some(selector),
+        revocation: revocation("benches: mass-revoke"),
+        dry_run: false,
+        job_id: String::new(),
+    };
+    let job = clients[0].clone().start_revoke_job(req).await?.into_inner();
+    let acked = Instant::now();
+    let ack = acked.duration_since(started);
+    let r = until_revoked_everywhere(&clients, &ids, acked, BOUND).await?;
+    let info = wait_job_done(&clients[0], &job.job_id).await?;
+    let counted = acked.elapsed();
+    anyhow::ensure!(info.sessions == sessions, "the job counted {} sessions of {sessions}", info.sessions);
+    println!("\n### mass-revoke: watermark over {sessions} sessions, {} nodes\n", clients.len());
+    println!(
+        "StartRevokeJob acknowledged in {:.2} ms; job counted {} sessions {:.0} ms after the ack. \
+         Poll rounds took up to {:.1} ms (the resolution); VALID answers to checks sent past the \
+         500 ms bound: {}.\n",
+        ack.as_secs_f64() * 1e3,
+        info.sessions,
+        counted.as_secs_f64() * 1e3,
+        r.round_max.as_secs_f64() * 1e3,
+        r.late_valid
+    );
+    table_header();
+    let every_json = percentiles("ack → a replica rejects a sampled session", &r.every);
+    let last_json = percentiles("ack → every replica rejects it", &r.last);
+    Ok(json!({
+        "scenario": "mass-revoke",
+        "sessions": sessions,
+        "sampled": ids.len(),
+        "load_seconds": load_s,
+        "ack_ms": ack.as_secs_f64() * 1e3,
+        "job_counted_ms": counted.as_secs_f64() * 1e3,
+        "reject_per_replica": every_json,
+        "reject_every_replica": last_json,
+        "poll_round_max_ms": r.round_max.as_secs_f64() * 1e3,
+        "valid_after_bound": r.late_valid,
+    }))
+}
+
+/// `users` users (one session each) revoked by one `RevokeList` job streamed in chunks of
+/// 1,000: throughput from the first chunk sent to the last acknowledged, per-chunk ack latency.
+pub async fn list_job(cluster: &BenchCluster, users: u64) -> anyhow::Result<serde_json::Value> {
+    let clients = clients(cluster).await?;
+    eprintln!("list-job: loading {users} users into tenant \"list\"");
+    let sample: Vec<(String, String)> =
+        create_sessions(&clients, "list", "l", users, 1, 256, (users / 1000).max(1)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::RevokeListRequest>(CHUNKS_AHEAD);
+    let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let sent2 = sent.clone();
+    let n_chunks = users.div_ceil(LIST_CHUNK as u64);
+    let feeder = tokio::spawn(async move {
+        for c in 0..n_chunks {
+            let targets = (c * LIST_CHUNK as u64..((c + 1) * LIST_CHUNK as u64).min(users))
+                .map(|u| pb::ListTarget {
+                    tenant: "list".into(),
+                    user_id: format!("l-{u}"),
+                    device_id: String::new(),
+                })
+                .collect();
+            let msg = pb::RevokeListRequest {
+                revocation: if c == 0 { revocation("benches: list-job") } else { None },
+                chunk: c + 1,
+                targets,
+                last: c + 1 == n_chunks,
+                ..Default::default()
+            };
+            sent2.lock().expect("sent times").push(Instant::now());
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut stream =
+        clients[0].clone().revoke_list(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut acks = histogram();
+    let mut acked_chunks = 0u64;
+    let mut last_info = None;
+    while let Some(info) = stream.message().await? {
+        let now = Instant::now();
+        while acked_chunks < info.chunks_acked {
+            let at = sent.lock().expect("sent times")[acked_chunks as usize];
+            acks.record(micros(now.duration_since(at)))?;
+            acked_chunks += 1;
+        }
+        last_info = Some(info);
+    }
+    feeder.await?;
+    let streamed = started.elapsed();
+    let info = last_info.ok_or_else(|| anyhow::anyhow!("no acknowledgement"))?;
+    let info = wait_job_done(&clients[0], &info.job_id).await?;
+    let done = started.elapsed();
+    anyhow::ensure!(info.sessions == users, "the job revoked {} sessions of {users}", info.sessions);
+    tokio::time::sleep(PAST_BOUND).await;
+    let ids: Vec<String> = sample.into_iter().map(|(_, id)| id).collect();
+    for c in &clients {
+        let statuses = check_all(c, &ids).await?;
+        anyhow::ensure!(
+            statuses.iter().all(|s| *s == pb::CheckStatus::Revoked),
+            "a listed user's session is not revoked"
+        );
+    }
+    let rate = users as f64 / done.as_secs_f64();
+    println!("\n### list-job: {users} users in {n_chunks} chunks of {LIST_CHUNK}\n");
+    println!(
+        "Streamed and acknowledged in {:.2} s; job done in {:.2} s: {rate:.0} users/s.\n",
+        streamed.as_secs_f64(),
+        done.as_secs_f64()
+    );
+    table_header();
+    let acks_json = percentiles("chunk sent → applied on every shard it touches", &acks);
+    Ok(json!({
+        "scenario": "list-job",
+        "users": users,
+        "chunks": n_chunks,
+        "streamed_seconds": streamed.as_secs_f64(),
+        "done_seconds": done.as_secs_f64(),
+        "users_per_second": rate,
+        "chunk_ack": acks_json,
+    }))
+}
+
+/// `subscribers` WatchRevocations streams spread over the nodes (each its own connection
+/// group); for each of `samples` revocations, the time from its ack until the median and the
+/// last subscriber received it.
+pub async fn watch_fanout(
+    cluster: &BenchCluster,
+    subscribers: usize,
+    samples: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let clients = clients(cluster).await?;
+    // Subscribers per HTTP/2 connection (a gateway has its own; a few share one here).
+    const PER_CONNECTION: usize = 50;
+    let wanted: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Instant)>(subscribers * 4);
+    let ready = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut tasks = Vec::new();
+    let mut channel = None;
+    for s in 0..subscribers {
+        if s % PER_CONNECTION == 0 || channel.is_none() {
+            let node = (s / PER_CONNECTION) % cluster.addrs.len();
+            channel = Some(connect(cluster.addrs[node]).await?);
+        }
+        let mut client = channel.clone().expect("connected above");
+        let (wanted, tx, ready) = (wanted.clone(), tx.clone(), ready.clone());
+        let n_shards = usize::from(cluster.n_shards);
+        tasks.push(tokio::spawn(async move {
+            let mut stream =
+                client.watch_revocations(pb::WatchRevocationsRequest::default()).await?.into_inner();
+            let mut done = HashSet::new();
+            while let Some(m) = stream.message().await? {
+                let now = Instant::now();
+                if done.len() < n_shards {
+                    done.extend(m.snapshot_done.iter().copied());
+                    if done.len() == n_shards {
+                        ready.add_permits(1);
+                    }
+                }
+                for e in &m.events {
+                    if let Some(pb::revocation_event::What::Session(s)) = &e.what {
+                        let sample = wanted.lock().expect("wanted").get(&s.session_id).copied();
+                        if let Some(sample) = sample {
+                            let _ = tx.send((sample, now)).await;
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let subscribed = Instant::now();
+    let _all = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(subscribers as u32))
+        .await
+        .map_err(|_| anyhow::anyhow!("not every subscriber had its snapshot after {SHOW_DEADLINE:?}"))??;
+    eprintln!(
+        "watch-fanout: {subscribers} subscribers streaming after {} ms",
+        subscribed.elapsed().as_millis()
+    );
+    let mut median = histogram();
+    let mut last = histogram();
+    let mut writer = clients[0].clone();
+    for k in 0..samples {
+        let created = writer
+            .create_session(pb::CreateSessionRequest {
+                tenant: "fanout".into(),
+                user_id: format!("f-{k}"),
+                client_id: "bench".into(),
+                aal: 1,
+                ttl_ms: 3_600_000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        wanted.lock().expect("wanted").insert(created.session_id.clone(), k);
+        let req = pb::RevokeSessionRequest {
+            session_id: created.session_id,
+            revocation: revocation("benches: fanout"),
+        };
+        writer.revoke_session(req).await?;
+        let acked = Instant::now();
+        let mut times = Vec::with_capacity(subscribers);
+        while times.len() < subscribers {
+            let left = SHOW_DEADLINE.saturating_sub(acked.elapsed());
+            let (sample, at) = tokio::time::timeout(left, rx.recv())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("sample {k}: {} of {subscribers} subscribers got it", times.len())
+                })?
+                .ok_or_else(|| anyhow::anyhow!("every subscriber ended"))?;
+            if sample == k {
+                times.push(micros(at.saturating_duration_since(acked)));
+            }
+        }
+        times.sort_unstable();
+        median.record(times[times.len() / 2])?;
+        last.record(*times.last().expect("at least one subscriber"))?;
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    println!(
+        "\n### watch-fanout: {subscribers} subscribers over {} nodes, {samples} revocations\n",
+        clients.len()
+    );
+    table_header();
+    let median_json = percentiles("ack → the median subscriber has it", &median);
+    let last_json = percentiles("ack → the last subscriber has it", &last);
+    Ok(json!({
+        "scenario": "watch-fanout",
+        "subscribers": subscribers,
+        "samples": samples,
+        "median_subscriber": median_json,
+        "last_subscriber": last_json,
+    }))
+}
