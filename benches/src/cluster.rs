@@ -117,6 +117,10 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<CascadeClient<Channel>>
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // A connection that stops answering is dropped and made again (see load.rs).
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .with_context(|| format!("connect to {addr}"))?;

@@ -8,6 +8,12 @@ use hdrhistogram::Histogram;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// Deadline of one create: an answer that never comes is retried, not waited for forever.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates that got no answer within `CREATE_TIMEOUT` (then retried).
+pub static TIMED_OUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Creates `users × per_user` sessions in `tenant` (users `{prefix}-{i}`), at most
 /// `concurrency` calls in flight, round-robin over `clients`. Returns every `sample_every`-th
 /// session as (user, session id, created_at_ms), and prints progress every 5 s.
@@ -37,18 +43,32 @@ pub async fn create_sessions(
         async move {
             let mut tries = 0;
             loop {
-                match client.create_session(req.clone()).await {
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(CREATE_TIMEOUT);
+                let answer = tokio::time::timeout(
+                    CREATE_TIMEOUT + Duration::from_secs(1),
+                    client.create_session(request),
+                )
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer (local deadline)")));
+                match answer {
                     Ok(r) => return Ok::<_, anyhow::Error>((n, user, r.into_inner().session_id)),
                     // Overload and leader changes: bounded retries (about a minute), then fail the
                     // run. A retried create whose first outcome was unknown may leave one more
                     // session for the user (well within the per-user limit).
+                    // tonic reports its own deadline as CANCELLED "Timeout expired".
+                    Err(s)
+                        if tries < 60
+                            && matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) =>
+                    {
+                        TIMED_OUT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tries += 1;
+                    }
                     Err(s)
                         if tries < 60
                             && matches!(
                                 s.code(),
-                                tonic::Code::ResourceExhausted
-                                    | tonic::Code::Unavailable
-                                    | tonic::Code::DeadlineExceeded
+                                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
                             ) =>
                     {
                         tries += 1;
@@ -75,9 +95,11 @@ pub async fn create_sessions(
         }
     }
     eprintln!(
-        "  loaded {total} sessions in {:.1} s ({:.0}/s)",
+        "  loaded {total} sessions in {:.1} s ({:.0}/s); creates without an answer in {} s, retried: {}",
         started.elapsed().as_secs_f64(),
-        total as f64 / started.elapsed().as_secs_f64()
+        total as f64 / started.elapsed().as_secs_f64(),
+        CREATE_TIMEOUT.as_secs(),
+        TIMED_OUT.load(std::sync::atomic::Ordering::Relaxed)
     );
     Ok(sample)
 }

@@ -24,10 +24,24 @@ const LIST_CHUNK: usize = 1_000;
 /// Chunks sent ahead of their acknowledgement.
 const CHUNKS_AHEAD: usize = 8;
 
+/// HTTP/2 connections per node for the loaders (one connection with a few hundred streams in
+/// flight stalled for minutes in a run; see the note on issue 6).
+const CONNECTIONS_PER_NODE: usize = 4;
+
+/// One client per node (node order), for checks and single calls.
 async fn clients(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
     let mut out = Vec::new();
     for i in 0..cluster.addrs.len() {
         out.push(cluster.client(i).await?);
+    }
+    Ok(out)
+}
+
+/// `CONNECTIONS_PER_NODE` clients per node, for loading.
+async fn loaders(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
+    let mut out = Vec::new();
+    for _ in 0..CONNECTIONS_PER_NODE {
+        out.extend(clients(cluster).await?);
     }
     Ok(out)
 }
@@ -143,7 +157,7 @@ pub async fn mass_revoke(
     eprintln!("mass-revoke: loading {sessions} sessions into tenant \"mass\"");
     let loaded = Instant::now();
     let ids: Vec<String> = create_sessions(
-        &clients,
+        &loaders(cluster).await?,
         "mass",
         "m",
         sessions / per_user,
@@ -178,7 +192,9 @@ pub async fn mass_revoke(
     let r = until_revoked_everywhere(&clients, &ids, acked, BOUND).await?;
     let info = wait_job_done(&clients[0], &job.job_id).await?;
     let counted = acked.elapsed();
-    anyhow::ensure!(info.sessions == sessions, "the job counted {} sessions of {sessions}", info.sessions);
+    // A create retried after an unknown outcome may have made one more session: at least
+    // `sessions` are there, and the job counts every one.
+    anyhow::ensure!(info.sessions >= sessions, "the job counted {} sessions of {sessions}", info.sessions);
     println!("\n### mass-revoke: watermark over {sessions} sessions, {} nodes\n", clients.len());
     println!(
         "StartRevokeJob acknowledged in {:.2} ms; job counted {} sessions {:.0} ms after the ack. \
@@ -196,6 +212,7 @@ pub async fn mass_revoke(
     Ok(json!({
         "scenario": "mass-revoke",
         "sessions": sessions,
+        "sessions_counted": info.sessions,
         "sampled": ids.len(),
         "load_seconds": load_s,
         "ack_ms": ack.as_secs_f64() * 1e3,
@@ -213,7 +230,7 @@ pub async fn list_job(cluster: &BenchCluster, users: u64) -> anyhow::Result<serd
     let clients = clients(cluster).await?;
     eprintln!("list-job: loading {users} users into tenant \"list\"");
     let sample: Vec<(String, String)> =
-        create_sessions(&clients, "list", "l", users, 1, 256, (users / 1000).max(1)).await?;
+        create_sessions(&loaders(cluster).await?, "list", "l", users, 1, 256, (users / 1000).max(1)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::RevokeListRequest>(CHUNKS_AHEAD);
     let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let sent2 = sent.clone();
@@ -260,7 +277,7 @@ pub async fn list_job(cluster: &BenchCluster, users: u64) -> anyhow::Result<serd
     let info = last_info.ok_or_else(|| anyhow::anyhow!("no acknowledgement"))?;
     let info = wait_job_done(&clients[0], &info.job_id).await?;
     let done = started.elapsed();
-    anyhow::ensure!(info.sessions == users, "the job revoked {} sessions of {users}", info.sessions);
+    anyhow::ensure!(info.sessions >= users, "the job revoked {} sessions of {users}", info.sessions);
     tokio::time::sleep(PAST_BOUND).await;
     let ids: Vec<String> = sample.into_iter().map(|(_, id)| id).collect();
     for c in &clients {
@@ -282,6 +299,7 @@ pub async fn list_job(cluster: &BenchCluster, users: u64) -> anyhow::Result<serd
     Ok(json!({
         "scenario": "list-job",
         "users": users,
+        "sessions_revoked": info.sessions,
         "chunks": n_chunks,
         "streamed_seconds": streamed.as_secs_f64(),
         "done_seconds": done.as_secs_f64(),

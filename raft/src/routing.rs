@@ -56,6 +56,24 @@ pub async fn propose_local(raft: &Raft, shard: ShardId, envelope: Envelope) -> R
     }
 }
 
+/// [`propose_local`] with a deadline. openraft 0.9 never answers a proposal to a leader that
+/// lost its quorum without hearing a higher term, so a caller that must go on (a background
+/// task that holds a "running" flag) needs one: past it the outcome is unknown.
+pub async fn propose_local_within(
+    raft: &Raft,
+    shard: ShardId,
+    envelope: Envelope,
+    timeout: std::time::Duration,
+) -> Result<Applied, ProposeError> {
+    match tokio::time::timeout(timeout, propose_local(raft, shard, envelope)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(ProposeError::Unknown {
+            shard,
+            reason: format!("no outcome within {} ms", timeout.as_millis()),
+        }),
+    }
+}
+
 /// The shard's leader as this replica knows it, with its address.
 pub fn leader_of(raft: &Raft) -> Option<(NodeId, CascadeNode)> {
     let m = raft.metrics().borrow().clone();

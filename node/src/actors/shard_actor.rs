@@ -10,7 +10,7 @@ use cascade_core::model::UserState;
 use cascade_protocol::command::{Command, Envelope};
 use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::outcome::{Applied, Outcome, Verdict};
-use cascade_raft::routing::propose_local;
+use cascade_raft::routing::propose_local_within;
 use cascade_raft::sm::ShardReader;
 use cascade_raft::typ::{NodeId, Raft};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -24,6 +24,10 @@ const PURGE_USERS_PER_COMMAND: u32 = 256;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a leader looks for jobs to drive (a new job also wakes it at once).
 const JOB_TICK_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest wait for a purge or job step proposed by this actor; past it the outcome is unknown
+/// and the next tick (or the next leader) proposes again. Without it a leader cut off from its
+/// quorum (which openraft never answers) would keep purges and jobs "running" for good.
+const BACKGROUND_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ShardActor;
 
@@ -286,7 +290,7 @@ fn sweep(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
         let envelope = Envelope::new(now_ms, Command::Purge { after, max_users: PURGE_USERS_PER_COMMAND });
         let me = myself.clone();
         tokio::spawn(async move {
-            let next = match propose_local(&raft, shard, envelope).await {
+            let next = match propose_local_within(&raft, shard, envelope, BACKGROUND_WRITE_TIMEOUT).await {
                 Ok(Applied { outcome: Outcome::Purged { next, n_sessions, n_users }, .. }) => {
                     if n_sessions > 0 || n_users > 0 {
                         tracing::info!(shard, n_sessions, n_users, "purged sessions past retention");
@@ -351,7 +355,8 @@ fn drive_jobs(myself: &ActorRef<ShardMsg>, state: &mut ShardActorState) {
             }
             for (job, after) in jobs {
                 let command = Command::JobStep { job, after, max_users };
-                if let Err(e) = propose_local(&raft, shard, Envelope::new(clock.now_ms(), command)).await {
+                let envelope = Envelope::new(clock.now_ms(), command);
+                if let Err(e) = propose_local_within(&raft, shard, envelope, BACKGROUND_WRITE_TIMEOUT).await {
                     tracing::debug!(shard, error = %e, "job step not applied; the next leader resumes");
                     break 'drive;
                 }
