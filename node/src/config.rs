@@ -18,6 +18,11 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Address other nodes and clients use to reach this node; defaults to `listen`.
     pub advertise: Option<String>,
+    /// Address to serve HTTP on (OAuth introspection and revocation, forward-auth for gateways,
+    /// `/metrics`, `/healthz`, `/readyz`); none by default.
+    pub http_listen: Option<SocketAddr>,
+    /// How the HTTP forward-auth endpoint checks DPoP proofs.
+    pub dpop: DpopConfig,
     /// Where the Raft log (`wal/`) and the state machines (`sm/`) live.
     pub data_dir: PathBuf,
     /// Number of shards (Raft groups). Fixed for the life of the cluster's data.
@@ -64,6 +69,26 @@ pub struct NodeConfig {
     /// Accept `CutLinks` and `SetClockOffset` requests that make this node stop talking to chosen peers (drills and
     /// tests of partitions). Never enable it in production.
     pub fault_injection: bool,
+}
+
+/// DPoP (RFC 9449) proof checking at the forward-auth endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpopConfig {
+    /// A proof's `iat` may be this far from the node's clock, either way; proof ids (`jti`) are
+    /// remembered this long to refuse replays.
+    pub iat_window_ms: u64,
+    /// Proof ids remembered at once; past it, new proofs are refused (never a replay let through).
+    pub replay_cache_max: usize,
+    /// Accept a key thumbprint the gateway verified itself in `X-Cascade-Jkt`. Only for gateways
+    /// that set (or clear) that header on every request: a client could otherwise claim any key.
+    pub trust_jkt_header: bool,
+}
+
+impl Default for DpopConfig {
+    fn default() -> Self {
+        DpopConfig { iat_window_ms: 60_000, replay_cache_max: 100_000, trust_jkt_header: false }
+    }
 }
 
 /// What to do with a read the local replica cannot prove fresh.
@@ -169,6 +194,8 @@ impl Default for NodeConfig {
             node_id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             advertise: None,
+            http_listen: None,
+            dpop: DpopConfig::default(),
             data_dir: PathBuf::from("cascade-data"),
             shards: 64,
             region: "local".to_owned(),
@@ -255,6 +282,16 @@ impl NodeConfig {
                 );
             }
         }
+        anyhow::ensure!(
+            (1_000..=600_000).contains(&self.dpop.iat_window_ms),
+            "dpop.iat_window_ms must be between 1000 and 600000, got {}",
+            self.dpop.iat_window_ms
+        );
+        anyhow::ensure!(
+            (1..=10_000_000).contains(&self.dpop.replay_cache_max),
+            "dpop.replay_cache_max must be between 1 and 10000000, got {}",
+            self.dpop.replay_cache_max
+        );
         self.limits.to_limits()?;
         Ok(())
     }

@@ -6,6 +6,8 @@
 pub mod actors;
 pub mod api;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod seams;
 

@@ -6,17 +6,23 @@ use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
 use crate::api::watch::{WatchHub, WatchObserver};
 use crate::config::NodeConfig;
-use crate::seams::{Clock, OffsetClock, Seams};
+use crate::http::HttpState;
+use crate::metrics::{Api, Metrics, MetricsLayer};
+use crate::seams::{Clock, ClockDateLayer, OffsetClock, Seams};
 use anyhow::Context;
 use cascade_protocol::pb::cascade_server::CascadeServer;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransportServer;
 use cascade_raft::host::{HostConfig, RaftHost};
 use cascade_raft::network::{TransportServer, RAFT_MESSAGE_BYTES_MAX};
 use cascade_raft::typ::CascadeNode;
+use futures::FutureExt;
 use ractor::Actor;
 use std::future::Future;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
+
+/// How long a stopping node waits for HTTP requests in flight.
+const HTTP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest public API request (batches of checks are far below it).
 const API_MESSAGE_BYTES_MAX: usize = 4 << 20;
@@ -89,13 +95,14 @@ pub async fn run(
     ctx.clock_offset_ms = clock_offset_ms;
     ctx.watch = watch.clone();
     let ctx = Arc::new(ctx);
+    let metrics = Arc::new(Metrics::default());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cascade_protocol::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("build reflection service")?;
-    let api = CascadeServer::new(CascadeService { ctx })
+    let api = CascadeServer::new(CascadeService { ctx: ctx.clone() })
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let transport = RaftTransportServer::new(TransportServer {
@@ -109,12 +116,20 @@ pub async fn run(
     let shutdown = async move {
         shutdown.await;
         hub.close();
-    };
+    }
+    .shared();
+    let http = seams.http_listener.map(|listener| {
+        let state = Arc::new(HttpState::new(ctx.clone(), metrics.clone(), config.dpop.clone()));
+        tracing::info!(node = config.node_id, addr = ?listener.local_addr().ok(), "serving HTTP");
+        tokio::spawn(crate::http::serve(listener, state, shutdown.clone()))
+    });
     let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cascade_raft::network::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(cascade_raft::network::KEEPALIVE_TIMEOUT))
+        .layer(MetricsLayer { metrics, api: Api::Grpc })
+        .layer(ClockDateLayer(ctx.clock.clone()))
         .add_service(api)
         .add_service(transport)
         .add_service(health_service)
@@ -123,6 +138,18 @@ pub async fn run(
         .await;
 
     tracing::info!(node = config.node_id, "shutting down");
+    if let Some(mut http) = http {
+        // Graceful: requests in flight finish; a connection left open cannot hold the node up.
+        match tokio::time::timeout(HTTP_DRAIN_TIMEOUT, &mut http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+            Err(_) => {
+                http.abort();
+                tracing::warn!("HTTP connections still open after {HTTP_DRAIN_TIMEOUT:?}; closed");
+            }
+        }
+    }
     supervisor.stop(Some("node shutdown".to_owned()));
     let _ = supervisor_done.await;
     host.shutdown().await?;

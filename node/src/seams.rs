@@ -83,6 +83,8 @@ impl Listener {
 pub struct Seams {
     /// Where the node serves gRPC (public API, Raft transport, health, reflection).
     pub listener: Listener,
+    /// Where the node serves HTTP (introspection, forward-auth, metrics, health), if anywhere.
+    pub http_listener: Option<tokio::net::TcpListener>,
     pub storage: Storage,
     pub clock: Arc<dyn Clock>,
     /// The connector to other nodes (one channel per peer); tests cut links through it.
@@ -100,6 +102,7 @@ impl Seams {
     pub fn production(listener: tokio::net::TcpListener, data_dir: &Path, node_id: u64) -> Seams {
         Seams {
             listener: Listener::Tcp(listener),
+            http_listener: None,
             storage: Storage::Dir(data_dir.to_owned()),
             clock: Arc::new(SystemClock),
             peers: Peers::default(),
@@ -107,5 +110,51 @@ impl Seams {
             actor_prefix: format!("n{node_id}"),
             on_host: None,
         }
+    }
+}
+
+/// A tower layer that sets each response's `Date` header from the node's [`Clock`] (hyper would
+/// otherwise read the host's clock: under the simulator, a header that differs between replays
+/// changes the bytes on the simulated wire and so the run).
+#[derive(Clone)]
+pub struct ClockDateLayer(pub Arc<dyn Clock>);
+
+impl<S> tower::Layer<S> for ClockDateLayer {
+    type Service = ClockDate<S>;
+    fn layer(&self, inner: S) -> ClockDate<S> {
+        ClockDate { inner, clock: self.0.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct ClockDate<S> {
+    inner: S,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for ClockDate<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let clock = self.clock.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(clock.now_ms());
+            if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+                response.headers_mut().insert(http::header::DATE, v);
+            }
+            Ok(response)
+        })
     }
 }

@@ -59,6 +59,13 @@ pub fn lazy_channel(
     dial: Dialer,
 ) -> tonic::transport::Channel {
     let addr = addr.to_owned();
+    // h2 forgets a reset stream after an interval of the host's clock (1 s), and answers late
+    // frames of a forgotten one with a RST_STREAM: whether that extra frame is sent would
+    // depend on how fast the machine ran a simulation. Remember them for good instead (late
+    // frames are then always dropped, as a fast run does); simulated runs are finite.
+    let endpoint = endpoint
+        .http2_reset_stream_duration(std::time::Duration::from_secs(365 * 86_400))
+        .http2_max_concurrent_reset_streams(usize::MAX);
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
         let dial = Arc::clone(&dial);
         let addr = addr.clone();

@@ -158,6 +158,7 @@ fn start_node(
         async move {
             let seams = Seams {
                 listener: net::listener().await?,
+                http_listener: None,
                 storage: Storage::Memory(storage),
                 clock: Arc::new(SimClock { offset_ms: offset }),
                 peers: Peers::with_dialer(net::dialer()),

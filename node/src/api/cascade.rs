@@ -155,6 +155,9 @@ impl CascadeService {
                 resp.client_id = s.client_id.clone();
                 resp.aal = u32::from(s.aal);
                 resp.expires_at_ms = s.expires_at_ms;
+                resp.created_at_ms = s.created_at_ms;
+                resp.device_id = s.device_id.clone().unwrap_or_default();
+                resp.jkt = s.jkt.clone().unwrap_or_default();
             }
         }
         resp

@@ -19,6 +19,10 @@ pub struct ServeArgs {
     /// Address to serve gRPC on.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Address to serve HTTP on: OAuth introspection and revocation, forward-auth, metrics and
+    /// health (off unless set here or in the file).
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
     /// Directory for the Raft log and state machines.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -59,6 +63,9 @@ impl ServeArgs {
         };
         if let Some(listen) = self.listen {
             config.listen = listen;
+        }
+        if let Some(http) = self.http_listen {
+            config.http_listen = Some(http);
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
@@ -140,6 +147,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         "starting"
     );
     let mut seams = Seams::production(listener, &config.data_dir, config.node_id);
+    if let Some(http) = config.http_listen {
+        let listener =
+            tokio::net::TcpListener::bind(http).await.with_context(|| format!("listen (HTTP) on {http}"))?;
+        seams.http_listener = Some(listener);
+    }
     seams.peers = cascade_raft::network::Peers::with_routes(config.peer_routes.clone());
     cascade_node::run(config, seams, shutdown).await?;
     tracing::info!("stopped cleanly");

@@ -41,6 +41,13 @@ impl Member {
         .await;
         let mut seams = Seams::production(listener, &self.config.data_dir, self.config.node_id);
         seams.peers = self.peers.clone();
+        if let Some(http) = self.config.http_listen {
+            let listener = poll_until(&format!("HTTP port {http} free again"), STATE_DEADLINE, || async {
+                tokio::net::TcpListener::bind(http).await.ok()
+            })
+            .await;
+            seams.http_listener = Some(listener);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = self.config.clone();
         let task = tokio::spawn(async move {

@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod dpop;
+pub mod http;
 
 use cascade_node::config::NodeConfig;
 use cascade_node::seams::{Clock, Seams};
@@ -187,6 +189,11 @@ impl InProcessNode {
         let addr = listener.local_addr().expect("bound address");
         config.listen = addr;
         let mut seams = Seams::production(listener, &config.data_dir, config.node_id);
+        if config.http_listen.is_some() {
+            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0 (HTTP)");
+            config.http_listen = Some(http.local_addr().expect("bound HTTP address"));
+            seams.http_listener = Some(http);
+        }
         if let Some(clock) = clock {
             seams.clock = clock;
         }

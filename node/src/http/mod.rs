@@ -1,0 +1,214 @@
+//! The HTTP API, served next to gRPC on its own port (`http_listen`) for gateways that expect
+//! standard endpoints (DESIGN §3):
+//!
+//! - `POST /oauth2/introspect` (RFC 7662) and `POST /oauth2/revoke` (RFC 7009), for session ids;
+//! - `/forward-auth`, for nginx `auth_request`, Traefik `forwardAuth` and Caddy `forward_auth`:
+//!   exactly 200 (with identity headers), 401 or 403, or 503 when the cluster cannot answer
+//!   within the revocation bound (the gateway then fails closed);
+//! - `/metrics` (Prometheus text), `/healthz` (the process serves), `/readyz` (every local replica
+//!   can answer checks within the revocation bound).
+//!
+//! Every handler goes through the same code as gRPC ([`CascadeService`]): validation, P2
+//! freshness, forwarding to leaders. Nothing here decides whether a session is valid.
+
+pub mod forward_auth;
+pub mod oauth;
+
+use crate::api::cascade::CascadeService;
+use crate::api::ctx::NodeCtx;
+use crate::config::DpopConfig;
+use crate::metrics::{escape, Api, Metrics, MetricsLayer};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Largest request body accepted (the OAuth forms are a token and a hint).
+pub const BODY_BYTES_MAX: usize = 8 << 10;
+/// Longest token looked at; longer ones are not session ids and are answered as unknown.
+pub const TOKEN_LEN_MAX: usize = 512;
+
+/// What the HTTP handlers share.
+pub struct HttpState {
+    pub svc: CascadeService,
+    pub metrics: Arc<Metrics>,
+    pub dpop: DpopConfig,
+    pub replay: cascade_dpop::ReplayCache,
+}
+
+impl HttpState {
+    pub fn new(ctx: Arc<NodeCtx>, metrics: Arc<Metrics>, dpop: DpopConfig) -> HttpState {
+        let replay = cascade_dpop::ReplayCache::new(dpop.replay_cache_max, dpop.iat_window_ms);
+        HttpState { svc: CascadeService { ctx }, metrics, dpop, replay }
+    }
+
+    fn ctx(&self) -> &NodeCtx {
+        &self.svc.ctx
+    }
+}
+
+/// The name metrics give a request path: a route, or `other`.
+pub fn route_name(path: &str) -> &'static str {
+    match path {
+        "/oauth2/introspect" => "/oauth2/introspect",
+        "/oauth2/revoke" => "/oauth2/revoke",
+        "/forward-auth" => "/forward-auth",
+        "/metrics" => "/metrics",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        _ => "other",
+    }
+}
+
+pub fn router(state: Arc<HttpState>) -> Router {
+    let metrics = MetricsLayer { metrics: state.metrics.clone(), api: Api::Http(route_name) };
+    Router::new()
+        .route("/oauth2/introspect", post(oauth::introspect))
+        .route("/oauth2/revoke", post(oauth::revoke))
+        .route("/forward-auth", any(forward_auth::forward_auth))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(metrics)
+        .with_state(state)
+}
+
+/// Serve HTTP on `listener` until `shutdown` resolves, then finish the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// `/readyz`: 200 when every shard this node holds a replica of can answer checks here within
+/// the revocation bound; 503 naming the shards that cannot.
+async fn ready(State(state): State<Arc<HttpState>>) -> Response {
+    let ctx = state.ctx();
+    let not_ready: Vec<u16> =
+        (0..ctx.n_shards).filter(|s| ctx.is_replica(*s) && ctx.staleness_ms(*s).is_none()).collect();
+    if not_ready.is_empty() {
+        return (StatusCode::OK, "ready\n").into_response();
+    }
+    let body = format!(
+        "not ready: {} of {} shards cannot prove freshness within {} ms here: {:?}\n",
+        not_ready.len(),
+        ctx.n_shards,
+        ctx.host.freshness.bound_ms,
+        not_ready
+    );
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+/// `/metrics`: request metrics, then the state of every shard replica on this node.
+async fn metrics_text(State(state): State<Arc<HttpState>>) -> Response {
+    let mut out = String::with_capacity(16 << 10);
+    state.metrics.render(&mut out);
+    let ctx = state.ctx();
+    let _ = writeln!(out, "# HELP cascade_watch_subscribers WatchRevocations streams this node serves.");
+    let _ = writeln!(out, "# TYPE cascade_watch_subscribers gauge");
+    let _ = writeln!(out, "cascade_watch_subscribers {}", ctx.watch.subscribers());
+    match ctx.local_status().await {
+        Ok(status) => render_shards(&status, &mut out),
+        Err(e) => {
+            let _ = writeln!(out, "# shard state unavailable: {}", escape(&e.to_string()));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+/// A per-shard gauge: name, help text, and its value for one replica.
+type Gauge = (&'static str, &'static str, fn(&cascade_protocol::pb::ShardStatus) -> f64);
+
+fn render_shards(status: &cascade_protocol::pb::NodeStatusResponse, out: &mut String) {
+    let gauges: [Gauge; 7] = [
+        ("cascade_shard_leader", "Node id of the shard's leader as this replica knows it (0: none).", |s| {
+            s.leader as f64
+        }),
+        ("cascade_shard_term", "Raft term of this replica.", |s| s.term as f64),
+        ("cascade_shard_last_log_index", "Last Raft log index on this replica.", |s| s.last_log_index as f64),
+        ("cascade_shard_applied_index", "Last log index applied to this replica's state machine.", |s| {
+            s.applied_index as f64
+        }),
+        ("cascade_shard_fresh", "1 if this replica can answer checks within the revocation bound.", |s| {
+            f64::from(u8::from(s.fresh))
+        }),
+        (
+            "cascade_shard_staleness_seconds",
+            "How stale this replica's answers could be (meaningful when fresh).",
+            |s| s.staleness_ms as f64 / 1000.0,
+        ),
+        ("cascade_shard_live_user_actors", "User actors in memory for the shard.", |s| {
+            s.live_user_actors as f64
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for s in &status.shards {
+            let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", s.shard, value(s));
+        }
+    }
+    let _ = writeln!(out, "# HELP cascade_shard_role 1 for this replica's Raft role.");
+    let _ = writeln!(out, "# TYPE cascade_shard_role gauge");
+    for s in &status.shards {
+        let _ = writeln!(
+            out,
+            "cascade_shard_role{{shard=\"{}\",role=\"{}\"}} 1",
+            s.shard,
+            escape(&s.role.to_lowercase())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP cascade_shard_replication_lag_entries Leader only: log entries each replica is behind."
+    );
+    let _ = writeln!(out, "# TYPE cascade_shard_replication_lag_entries gauge");
+    for s in &status.shards {
+        for r in &s.replication {
+            let _ = writeln!(
+                out,
+                "cascade_shard_replication_lag_entries{{shard=\"{}\",replica=\"{}\"}} {}",
+                s.shard, r.node_id, r.lag
+            );
+        }
+    }
+}
+
+/// A JSON body with the headers every OAuth answer carries (RFC 6749 §5.1: no caching).
+fn oauth_json(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], axum::Json(body))
+        .into_response()
+}
+
+/// An OAuth error answer (RFC 6749 §5.2 shape).
+fn oauth_error(status: StatusCode, error: &str, description: impl Into<String>) -> Response {
+    let mut r =
+        oauth_json(status, serde_json::json!({ "error": error, "error_description": description.into() }));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// Whether a gRPC status means "the cluster could not answer now" (retry later; fail closed),
+/// as opposed to a definite answer about the token.
+fn unavailable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Internal
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
