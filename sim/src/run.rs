@@ -239,7 +239,7 @@ fn apply_fault(
             set_latencies(sim, scenario, on.then_some((*node, *extra_ms)));
             format!("n{node} links +{extra_ms}ms")
         }
-        FaultKind::Crash { nodes, lose_disk } => {
+        FaultKind::Crash { nodes, lose_disk, .. } => {
             for id in nodes {
                 let Some(slot) = slots.get(id) else { continue };
                 if on {
@@ -353,10 +353,52 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
     let mut next = 0;
     let mut isolated = BTreeMap::new();
     let mut node_failure = None;
+    // Faults waiting for an acknowledged write: index → (deadline, history ops already seen).
+    let mut armed: BTreeMap<usize, (u64, usize)> = BTreeMap::new();
+    // When each fault actually started (an armed one starts after its `at_ms`).
+    let mut started: BTreeMap<usize, u64> = BTreeMap::new();
     loop {
         let now = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let fired: Vec<usize> = armed
+            .iter()
+            .filter(|(_, (deadline, seen))| {
+                let ops = &history.0.borrow().ops;
+                now >= *deadline || ops[*seen..].iter().any(|op| op.kind.is_write() && op.ok())
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        for i in fired {
+            armed.remove(&i);
+            started.insert(i, now);
+            let what = apply_fault(
+                &mut sim,
+                &scenario,
+                &slots,
+                &leaders,
+                &mut isolated,
+                &scenario.faults[i].kind,
+                true,
+            );
+            history
+                .0
+                .borrow_mut()
+                .events
+                .push(Event { at_ms: now, what: format!("start fault {i}: {what}") });
+        }
         while next < schedule.len() && schedule[next].0 <= now {
             let (_, i, on) = schedule[next];
+            let fault = &scenario.faults[i];
+            if on && matches!(fault.kind, FaultKind::Crash { after_ack: true, .. }) {
+                let seen = history.0.borrow().ops.len();
+                armed.insert(i, (now + fault.duration_ms / 2, seen));
+                let what = format!("arm fault {i}: crash {:?} at the next acknowledged write", fault.kind);
+                history.0.borrow_mut().events.push(Event { at_ms: now, what });
+                next += 1;
+                continue;
+            }
+            if on {
+                started.insert(i, now);
+            }
             let what = apply_fault(
                 &mut sim,
                 &scenario,
@@ -398,10 +440,14 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
     let windows: Vec<rto::FaultWindow> = scenario
         .faults
         .iter()
-        .map(|f| rto::FaultWindow {
-            kind: f.kind.name().to_owned(),
-            at_ms: f.at_ms,
-            duration_ms: f.duration_ms,
+        .enumerate()
+        .map(|(i, f)| {
+            let at_ms = started.get(&i).copied().unwrap_or(f.at_ms);
+            rto::FaultWindow {
+                kind: f.kind.name().to_owned(),
+                at_ms,
+                duration_ms: (f.at_ms + f.duration_ms).saturating_sub(at_ms),
+            }
         })
         .collect();
     let rto = rto::per_fault(&windows, scenario.heal_at_ms, &history);

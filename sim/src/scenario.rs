@@ -59,8 +59,10 @@ pub enum FaultKind {
     /// Every link of `node` gets `extra_ms` more latency.
     DelaySpike { node: u64, extra_ms: u64 },
     /// `nodes` lose power at once: unsynced writes are gone; with `lose_disk` nothing survives.
-    /// They restart when the fault ends.
-    Crash { nodes: Vec<u64>, lose_disk: bool },
+    /// They restart when the fault ends. With `after_ack`, the power goes at the first moment a
+    /// client has a write acknowledged after `at_ms` (within half the fault's duration): the
+    /// instant a write is most likely to be acknowledged but not yet synced everywhere.
+    Crash { nodes: Vec<u64>, lose_disk: bool, after_ack: bool },
     /// The leader of `shard` (at the moment the fault starts) is cut off from every other
     /// node, while clients can still reach it.
     IsolateLeader { shard: u16 },
@@ -77,6 +79,7 @@ impl FaultKind {
             FaultKind::Loss { .. } => "loss",
             FaultKind::DelaySpike { .. } => "delay-spike",
             FaultKind::Crash { lose_disk: true, .. } => "crash-disk-loss",
+            FaultKind::Crash { after_ack: true, .. } => "crash-after-ack",
             FaultKind::Crash { nodes, .. } if nodes.len() > 1 => "crash-many",
             FaultKind::Crash { .. } => "crash",
             FaultKind::IsolateLeader { .. } => "isolate-leader",
@@ -113,7 +116,7 @@ pub struct Scenario {
     pub converge_limit_ms: u64,
 }
 
-const FAULT_KINDS: [&str; 9] = [
+const FAULT_KINDS: [&str; 10] = [
     "partition",
     "one-way",
     "loss",
@@ -121,6 +124,7 @@ const FAULT_KINDS: [&str; 9] = [
     "crash",
     "crash-many",
     "crash-disk-loss",
+    "crash-after-ack",
     "isolate-leader",
     "clock-offset",
 ];
@@ -177,7 +181,10 @@ impl Scenario {
             replicas,
             latency_ms,
             intra_region_ms,
-            sync_delay_ms: rng.gen_range(2..=30),
+            // A third of the seeds get a slow disk (a sync slower than a round trip between
+            // replicas): only then can a leader acknowledge a write its own log has not synced,
+            // which is what the P1 checker must be able to see (the planted ack-before-flush).
+            sync_delay_ms: if rng.gen_bool(0.33) { rng.gen_range(40..=150) } else { rng.gen_range(2..=30) },
             snapshot_every_n_logs: *[50, 200, 5_000].choose(&mut rng).unwrap_or(&5_000),
             clients: rng.gen_range(2..=6),
             think_ms: rng.gen_range(1..=30),
@@ -201,11 +208,11 @@ impl Scenario {
     }
 
     /// The Raft heartbeat for this network: openraft uses it as the deadline of every
-    /// replication round, so it must exceed the worst round trip between replicas (plus a
-    /// log sync).
+    /// replication round, so it must exceed the worst round trip between replicas plus two log
+    /// syncs (a follower's append waits for the group commit in progress, then its own).
     pub fn heartbeat_ms(&self) -> u64 {
         let worst_one_way = self.latency_ms.values().copied().max().unwrap_or(0).max(self.intra_region_ms);
-        (2 * worst_one_way + self.sync_delay_ms + 30).max(100)
+        (2 * worst_one_way + 2 * self.sync_delay_ms + 30).max(100)
     }
 
     pub fn node(&self, id: u64) -> Option<&NodeSpec> {
@@ -270,10 +277,13 @@ fn draw_fault(rng: &mut StdRng, name: &str, ids: &[u64], nodes: &[NodeSpec], sha
                 s.truncate(minority + 1);
             }
             s.sort_unstable();
-            FaultKind::Crash { nodes: s, lose_disk: false }
+            FaultKind::Crash { nodes: s, lose_disk: false, after_ack: false }
         }
-        "crash" => FaultKind::Crash { nodes: vec![pick(rng)], lose_disk: false },
-        "crash-disk-loss" => FaultKind::Crash { nodes: vec![pick(rng)], lose_disk: true },
+        // Every node, at the moment a write is acknowledged: an acknowledged write must be
+        // durable on a majority by then (P1).
+        "crash-after-ack" => FaultKind::Crash { nodes: ids.to_vec(), lose_disk: false, after_ack: true },
+        "crash" => FaultKind::Crash { nodes: vec![pick(rng)], lose_disk: false, after_ack: false },
+        "crash-disk-loss" => FaultKind::Crash { nodes: vec![pick(rng)], lose_disk: true, after_ack: false },
         "isolate-leader" => FaultKind::IsolateLeader { shard: rng.gen_range(0..shards) },
         _ => {
             let offset_ms = rng.gen_range(100..=5_000) * if rng.gen_bool(0.5) { 1 } else { -1 };

@@ -24,9 +24,14 @@ pub fn check(model: &Model, history: &History) -> Vec<Violation> {
             if created.ack_ms > r.invoke_ms || r.sessions.contains(&child) {
                 continue;
             }
-            let revoked_before =
-                model.revoked_by.get(&child).is_some_and(|&e| model.revocations[e].op < r.op);
-            if revoked_before || maybe_revoked_before(model, history, &child, r.op) {
+            // Another revocation that listed the child and started before this one was
+            // acknowledged may have been applied first (history order is not apply order: two
+            // concurrent revocations of a parent and its child each list only their own).
+            let revoked_before = model
+                .revocations
+                .iter()
+                .any(|x| x.op != r.op && x.invoke_ms <= r.ack_ms && x.sessions.contains(&child));
+            if revoked_before || maybe_revoked_before(model, history, &child, r.ack_ms) {
                 continue;
             }
             v.push(Violation::new(
@@ -56,9 +61,9 @@ pub fn check(model: &Model, history: &History) -> Vec<Violation> {
     v
 }
 
-/// Whether an operation with an unknown outcome, before op `before`, may have revoked `session`
-/// (directly, through an ancestor, its device, its user, or an eviction by a create).
-fn maybe_revoked_before(model: &Model, history: &History, session: &str, before: usize) -> bool {
+/// Whether an operation with an unknown outcome, started by `until_ms`, may have revoked
+/// `session` (directly, through an ancestor, its device, its user, or an eviction by a create).
+fn maybe_revoked_before(model: &Model, history: &History, session: &str, until_ms: u64) -> bool {
     let Some(c) = model.created.get(session) else { return true };
     let mut ancestors = vec![session.to_owned()];
     let mut p = c.parent.clone();
@@ -66,7 +71,7 @@ fn maybe_revoked_before(model: &Model, history: &History, session: &str, before:
         p = model.created.get(&id).and_then(|x| x.parent.clone());
         ancestors.push(id);
     }
-    history.ops[..before].iter().any(|op| {
+    history.ops.iter().filter(|op| op.invoke_ms <= until_ms).any(|op| {
         matches!(op.result, OpResult::Unknown { .. })
             && match &op.kind {
                 OpKind::RevokeSession { session } => ancestors.contains(session),
@@ -78,4 +83,72 @@ fn maybe_revoked_before(model: &Model, history: &History, session: &str, before:
                 _ => false,
             }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "cs_0000ba6d1ec4661f682e21143adf9654bb9d";
+    const B: &str = "cs_0000ab3e68dab638a810fbc4202d4f33ab12";
+
+    /// A parent A, its child B, then revocations of A and B, each listing only what it revoked,
+    /// with B's revocation started at `b_invoke_ms` (A's runs from 5426 to 5608).
+    fn history(b_invoke_ms: u64) -> History {
+        let op = |client: &str, invoke: u64, complete: u64, rest: serde_json::Value| {
+            let mut o = serde_json::json!({ "client": client, "node": 3, "invoke_ms": invoke, "complete_ms": complete });
+            o.as_object_mut().unwrap().extend(rest.as_object().unwrap().clone());
+            o
+        };
+        let ops = serde_json::json!([
+            op(
+                "c2",
+                5000,
+                5223,
+                serde_json::json!({"op": "create", "user": "u4", "device": "d2", "parent": null,
+                "result": "created", "session": A, "created_at_ms": 1, "evicted": []})
+            ),
+            op(
+                "c2",
+                5237,
+                5368,
+                serde_json::json!({"op": "create", "user": "u4", "device": "d2", "parent": A,
+                "result": "created", "session": B, "created_at_ms": 2, "evicted": []})
+            ),
+            op(
+                "c0",
+                5426,
+                5608,
+                serde_json::json!({"op": "revoke-session", "session": A,
+                "result": "revoked", "sessions": [A], "at_ms": 5429})
+            ),
+            op(
+                "c2",
+                b_invoke_ms,
+                b_invoke_ms + 210,
+                serde_json::json!({"op": "revoke-session", "session": B,
+                "result": "revoked", "sessions": [B], "at_ms": b_invoke_ms + 18})
+            ),
+        ]);
+        let h = serde_json::json!({ "ops": ops, "leaders": [], "events": [], "final_checks": {},
+            "final_lists": {}, "converged_at_ms": 0, "not_converged": null, "final_read_errors": [] });
+        serde_json::from_value(h).expect("history")
+    }
+
+    /// Seed 156 (found by the simulator): the child's revocation ran concurrently with the
+    /// parent's and was applied first, so the parent's listed only the parent. Not a violation.
+    #[test]
+    fn concurrent_child_revocation_is_not_a_violation() {
+        let h = history(5398);
+        assert!(check(&Model::build(&h), &h).is_empty());
+    }
+
+    /// The same answers when the child's revocation started only after the parent's was
+    /// acknowledged: the parent's cascade left the child valid.
+    #[test]
+    fn child_revoked_only_later_is_a_violation() {
+        let h = history(5700);
+        let v = check(&Model::build(&h), &h);
+        assert_eq!(v.len(), 1, "{v:?}");
+    }
 }
