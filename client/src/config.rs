@@ -27,6 +27,9 @@ pub struct ClientConfig {
     /// The cluster map (nodes, replicas, leaders) is refreshed after a failed attempt, but not
     /// more often than this.
     pub refresh_min: Duration,
+    /// API key presented on every call (`authorization: Bearer <key>`), for clusters with
+    /// authentication on; a gateway's key needs the `gateway` role.
+    pub api_key: Option<String>,
 }
 
 impl ClientConfig {
@@ -40,7 +43,18 @@ impl ClientConfig {
             backoff: Duration::from_millis(20),
             backoff_max: Duration::from_millis(500),
             refresh_min: Duration::from_millis(200),
+            api_key: None,
         }
+    }
+
+    /// `message` as a request with this configuration's deadline and API key.
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        if let Some(value) = self.api_key.as_ref().and_then(|k| format!("Bearer {k}").parse().ok()) {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
     }
 }
 

@@ -304,6 +304,9 @@ async fn run_stream(
     };
     let open_timeout = inner.client.config().timeout;
     let mut client = CascadeClient::new(channel);
+    let mut request = inner.client.config().request(request);
+    // A stream has no deadline: the open is bounded here, the stream by its idle timeout.
+    request.metadata_mut().remove("grpc-timeout");
     let mut messages = match tokio::time::timeout(open_timeout, client.watch_revocations(request)).await {
         Ok(r) => r?.into_inner(),
         Err(_) => {

@@ -175,9 +175,7 @@ impl Client {
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.inner.config.timeout);
-        request
+        self.inner.config.request(message)
     }
 
     fn node_channel(&self, t: &Topology, node: Option<u64>) -> Result<Channel, Status> {

@@ -119,8 +119,7 @@ async fn ask(
     addr: String,
 ) -> Result<(String, pb::NodeStatusResponse), String> {
     let channel = channel(&addr).map_err(|e| e.to_string())?;
-    let mut request = tonic::Request::new(pb::NodeStatusRequest {});
-    request.set_timeout(config.timeout);
+    let request = config.request(pb::NodeStatusRequest {});
     match tokio::time::timeout(config.timeout, CascadeClient::new(channel).node_status(request)).await {
         Ok(Ok(status)) => Ok((addr, status.into_inner())),
         Ok(Err(status)) => Err(format!("{addr}: {:?}: {}", status.code(), status.message())),

@@ -23,6 +23,8 @@ pub struct NodeConfig {
     pub http_listen: Option<SocketAddr>,
     /// How the HTTP forward-auth endpoint checks DPoP proofs.
     pub dpop: DpopConfig,
+    /// API keys and their roles, and the cluster key; authentication is off when empty.
+    pub auth: crate::auth::AuthConfig,
     /// Where the Raft log (`wal/`) and the state machines (`sm/`) live.
     pub data_dir: PathBuf,
     /// Number of shards (Raft groups). Fixed for the life of the cluster's data.
@@ -196,6 +198,7 @@ impl Default for NodeConfig {
             advertise: None,
             http_listen: None,
             dpop: DpopConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             data_dir: PathBuf::from("cascade-data"),
             shards: 64,
             region: "local".to_owned(),
@@ -292,6 +295,7 @@ impl NodeConfig {
             "dpop.replay_cache_max must be between 1 and 10000000, got {}",
             self.dpop.replay_cache_max
         );
+        self.auth.validate(self.cluster.nodes.len() > 1)?;
         self.limits.to_limits()?;
         Ok(())
     }

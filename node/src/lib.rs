@@ -5,6 +5,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod metrics;

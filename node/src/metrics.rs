@@ -47,6 +47,8 @@ pub struct Metrics {
     counts: RwLock<BTreeMap<(Key, String), Arc<AtomicU64>>>,
     /// Forward-auth answers by outcome.
     forward_auth: RwLock<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    /// Callers refused by authentication, by API and reason.
+    auth_refused: RwLock<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
 }
 
 /// Look `key` up, inserting `V::default()` if there is room (or `overflow`: the catch-all series
@@ -89,6 +91,13 @@ impl Metrics {
         }
     }
 
+    /// Count one refused caller.
+    pub fn auth_refused(&self, api: &'static str, reason: &'static str) {
+        if let Some(c) = entry(&self.auth_refused, &(api, reason), true) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The request metrics in Prometheus' text format.
     pub fn render(&self, out: &mut String) {
         out.push_str("# HELP cascade_requests_total Requests served, by API, method and status code.\n");
@@ -126,6 +135,15 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "cascade_forward_auth_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP cascade_auth_refused_total Callers refused: no or unknown key (unauthenticated), or a key without the role (permission_denied).\n");
+        out.push_str("# TYPE cascade_auth_refused_total counter\n");
+        for ((api, reason), n) in self.auth_refused.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "cascade_auth_refused_total{{api=\"{api}\",reason=\"{reason}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
         }

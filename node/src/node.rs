@@ -5,6 +5,7 @@ use crate::actors::supervisor::{DirectoryObserver, NodeSupervisor, ShardDirector
 use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
 use crate::api::watch::{WatchHub, WatchObserver};
+use crate::auth::{AuthLayer, Policy};
 use crate::config::NodeConfig;
 use crate::http::HttpState;
 use crate::metrics::{Api, Metrics, MetricsLayer};
@@ -61,7 +62,11 @@ pub async fn run(
     let clock_offset_ms = Arc::new(AtomicI64::new(0));
     let clock: Arc<dyn Clock> =
         Arc::new(OffsetClock { inner: seams.clock, offset_ms: clock_offset_ms.clone() });
-    let host = Arc::new(RaftHost::open(host_config, seams.storage, seams.peers, Some(observer)).await?);
+    let mut peers = seams.peers;
+    if let Some(key) = &config.auth.cluster_key {
+        peers.set_cluster_key(key).map_err(anyhow::Error::msg)?;
+    }
+    let host = Arc::new(RaftHost::open(host_config, seams.storage, peers, Some(observer)).await?);
     if let Some(on_host) = seams.on_host {
         on_host(host.clone());
     }
@@ -96,6 +101,13 @@ pub async fn run(
     ctx.watch = watch.clone();
     let ctx = Arc::new(ctx);
     let metrics = Arc::new(Metrics::default());
+    let auth = Policy::new(&config.auth, metrics.clone());
+    if auth.is_none() {
+        tracing::warn!(
+            node = config.node_id,
+            "authentication is off: any caller may call any API (configure [auth])"
+        );
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -119,7 +131,7 @@ pub async fn run(
     }
     .shared();
     let http = seams.http_listener.map(|listener| {
-        let state = Arc::new(HttpState::new(ctx.clone(), metrics.clone(), config.dpop.clone()));
+        let state = Arc::new(HttpState::new(ctx.clone(), metrics.clone(), config.dpop.clone(), auth.clone()));
         tracing::info!(node = config.node_id, addr = ?listener.local_addr().ok(), "serving HTTP");
         tokio::spawn(crate::http::serve(listener, state, shutdown.clone()))
     });
@@ -130,6 +142,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(cascade_raft::network::KEEPALIVE_TIMEOUT))
         .layer(MetricsLayer { metrics, api: Api::Grpc })
         .layer(ClockDateLayer(ctx.clock.clone()))
+        .layer(AuthLayer(auth))
         .add_service(api)
         .add_service(transport)
         .add_service(health_service)

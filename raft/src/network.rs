@@ -51,10 +51,31 @@ pub enum PeerError {
     Address { addr: String, source: tonic::transport::Error },
 }
 
+/// Metadata key of the cluster key nodes present to each other.
+pub const CLUSTER_KEY_HEADER: &str = "x-cascade-cluster-key";
+
+/// Adds the cluster key (when the cluster has one) to every request to a peer.
+#[derive(Clone, Default)]
+pub struct PeerAuth(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for PeerAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(key) = &self.0 {
+            request.metadata_mut().insert(CLUSTER_KEY_HEADER, key.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to a peer: requests on it carry the cluster key.
+pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, PeerAuth>;
+
 /// The channels to every peer, shared by all shards of a node (and by request forwarding).
 #[derive(Clone, Default)]
 pub struct Peers {
-    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    channels: Arc<Mutex<BTreeMap<String, PeerChannel>>>,
+    /// Added to every request to a peer.
+    auth: PeerAuth,
     /// Addresses this node must not talk to: a test or drill hook that cuts links. Empty in
     /// normal operation.
     cut: Arc<RwLock<BTreeSet<String>>>,
@@ -77,6 +98,13 @@ impl Peers {
         Peers { routes: Arc::new(routes), ..Peers::default() }
     }
 
+    /// Present `key` to every peer (the cluster key). Call before the first channel is made.
+    pub fn set_cluster_key(&mut self, key: &str) -> Result<(), String> {
+        let value = key.parse().map_err(|_| "the cluster key must be printable ASCII".to_owned())?;
+        self.auth = PeerAuth(Some(value));
+        Ok(())
+    }
+
     /// Stop all traffic from this node to `addr` until [`Peers::heal`].
     pub fn cut(&self, addr: &str) {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned());
@@ -93,7 +121,7 @@ impl Peers {
     }
 
     /// The channel to `addr` (`host:port`), created lazily; tonic reconnects with backoff.
-    pub fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+    pub fn channel(&self, addr: &str) -> Result<PeerChannel, PeerError> {
         if self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(addr) {
             return Err(PeerError::Cut { addr: addr.to_owned() });
         }
@@ -113,6 +141,7 @@ impl Peers {
             Some(dial) => lazy_channel(endpoint, addr, Arc::clone(dial)),
             None => endpoint.connect_lazy(),
         };
+        let channel = tonic::service::interceptor::InterceptedService::new(channel, self.auth.clone());
         map.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -4,6 +4,7 @@
 use super::ctx::{NodeCtx, FORWARDED_HEADER};
 use super::status::ApiError;
 use crate::actors::{CheckAnswer, CheckQuery};
+use crate::auth::Caller;
 use crate::config::StaleReads;
 use cascade_core::validity::verdict;
 use cascade_protocol::command::{
@@ -106,12 +107,19 @@ fn verdict_to_pb(v: Verdict) -> (pb::CheckStatus, pb::ReasonCode) {
     }
 }
 
-pub(crate) fn revocation(r: Option<pb::Revocation>) -> Result<Revocation, ApiError> {
+/// A revocation's reason and text, with the authenticated caller as its actor (see
+/// [`crate::auth::actor`]).
+pub(crate) fn revocation(r: Option<pb::Revocation>, caller: Option<&Caller>) -> Result<Revocation, ApiError> {
     let r = r.unwrap_or_default();
     lim::check_text("revocation.text", &r.text, lim::TEXT_LEN_MAX)?;
     lim::check_text("revocation.actor", &r.actor, lim::ACTOR_LEN_MAX)?;
-    let actor = if r.actor.is_empty() { "unauthenticated".to_owned() } else { r.actor };
+    let actor = crate::auth::actor(caller, &r.actor);
     Ok(Revocation { reason: reason_from_pb(r.reason)?, text: r.text, actor })
+}
+
+/// The authenticated caller of a request (none when authentication is off).
+pub(crate) fn caller_of<T>(request: &Request<T>) -> Option<Caller> {
+    request.extensions().get::<Caller>().cloned()
 }
 
 fn sha256(secret: u128) -> [u8; 32] {
@@ -245,14 +253,16 @@ impl Cascade for CascadeService {
         &self,
         request: Request<pb::StartRevokeJobRequest>,
     ) -> Reply<pb::RevokeJobInfo> {
-        Ok(Response::new(crate::api::jobs::start(&self.ctx, request.into_inner()).await?))
+        let caller = caller_of(&request);
+        Ok(Response::new(crate::api::jobs::start(&self.ctx, request.into_inner(), caller.as_ref()).await?))
     }
 
     async fn revoke_list(
         &self,
         request: Request<tonic::Streaming<pb::RevokeListRequest>>,
     ) -> Reply<Self::RevokeListStream> {
-        Ok(Response::new(crate::api::jobs::revoke_list(self.ctx.clone(), request.into_inner())))
+        let caller = caller_of(&request);
+        Ok(Response::new(crate::api::jobs::revoke_list(self.ctx.clone(), request.into_inner(), caller)))
     }
 
     async fn get_revoke_job(&self, request: Request<pb::GetRevokeJobRequest>) -> Reply<pb::RevokeJobInfo> {
@@ -559,33 +569,37 @@ impl Cascade for CascadeService {
     }
 
     async fn revoke_session(&self, request: Request<pb::RevokeSessionRequest>) -> Reply<pb::RevokeResponse> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
         let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
-        let revocation = revocation(r.revocation)?;
+        let revocation = revocation(r.revocation, caller.as_ref())?;
         Ok(Response::new(self.revoke(id.shard, Command::RevokeSession { session_id: id, revocation }).await?))
     }
 
     async fn revoke_family(&self, request: Request<pb::RevokeFamilyRequest>) -> Reply<pb::RevokeResponse> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
         let id = self.owned_shard(session_id("session_id", &r.session_id)?)?;
-        let revocation = revocation(r.revocation)?;
+        let revocation = revocation(r.revocation, caller.as_ref())?;
         Ok(Response::new(self.revoke(id.shard, Command::RevokeFamily { session_id: id, revocation }).await?))
     }
 
     async fn revoke_device(&self, request: Request<pb::RevokeDeviceRequest>) -> Reply<pb::RevokeResponse> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
         let user = user_key(&r.tenant, &r.user_id)?;
         lim::check_id("device_id", &r.device_id, lim::ID_LEN_MAX).map_err(ApiError::from)?;
-        let revocation = revocation(r.revocation)?;
+        let revocation = revocation(r.revocation, caller.as_ref())?;
         let shard = user.shard(self.ctx.n_shards);
         let command = Command::RevokeDevice { user, device_id: r.device_id, revocation };
         Ok(Response::new(self.revoke(shard, command).await?))
     }
 
     async fn revoke_user(&self, request: Request<pb::RevokeUserRequest>) -> Reply<pb::RevokeResponse> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
         let user = user_key(&r.tenant, &r.user_id)?;
-        let revocation = revocation(r.revocation)?;
+        let revocation = revocation(r.revocation, caller.as_ref())?;
         let shard = user.shard(self.ctx.n_shards);
         Ok(Response::new(self.revoke(shard, Command::RevokeUser { user, revocation }).await?))
     }
@@ -594,8 +608,9 @@ impl Cascade for CascadeService {
         &self,
         request: Request<pb::SetWatermarkRequest>,
     ) -> Reply<pb::SetWatermarkResponse> {
+        let caller = caller_of(&request);
         let r = request.into_inner();
-        let revocation = revocation(r.revocation)?;
+        let revocation = revocation(r.revocation, caller.as_ref())?;
         lim::check_id("tenant", &r.tenant, lim::TENANT_LEN_MAX).map_err(ApiError::from)?;
         let scope = match pb::WatermarkScope::try_from(r.scope) {
             Ok(pb::WatermarkScope::Tenant) => WatermarkScope::Tenant { tenant: r.tenant },

@@ -18,6 +18,7 @@ use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::ElectRequest;
 use cascade_raft::host::RaftHost;
+use cascade_raft::network::PeerChannel;
 use cascade_raft::routing::{self, ProposeError};
 use cascade_raft::typ::Raft;
 use ractor::rpc::CallResult;
@@ -26,7 +27,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 
 /// Metadata key marking a request forwarded by another node: it is answered here or refused,
 /// never forwarded again.
@@ -204,7 +204,7 @@ impl NodeCtx {
         call: F,
     ) -> Result<Resp, ApiError>
     where
-        F: FnOnce(CascadeClient<Channel>, tonic::Request<Req>) -> Fut,
+        F: FnOnce(CascadeClient<PeerChannel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let raft = self.raft(shard)?;

@@ -10,6 +10,7 @@ use crate::actors::shard_actor::ShardMsg;
 use crate::api::cascade::{reason_to_pb, revocation};
 use crate::api::ctx::NodeCtx;
 use crate::api::status::ApiError;
+use crate::auth::Caller;
 use cascade_protocol::command::{Command, Envelope, Revocation, WatermarkScope};
 use cascade_protocol::ids::{ShardId, UserKey};
 use cascade_protocol::job::{
@@ -331,9 +332,13 @@ fn new_or_given_id(ctx: &NodeCtx, given: &str) -> Result<JobId, ApiError> {
     }
 }
 
-pub async fn start(ctx: &NodeCtx, r: pb::StartRevokeJobRequest) -> Result<pb::RevokeJobInfo, ApiError> {
+pub async fn start(
+    ctx: &NodeCtx,
+    r: pb::StartRevokeJobRequest,
+    caller: Option<&Caller>,
+) -> Result<pb::RevokeJobInfo, ApiError> {
     let filter = filter_from_pb(r.selector.unwrap_or_default())?;
-    let revocation = revocation(r.revocation)?;
+    let revocation = revocation(r.revocation, caller)?;
     let id = new_or_given_id(ctx, &r.job_id)?;
     let shards: Vec<ShardId> = match filter.single_user() {
         Some(user) => vec![user.shard(ctx.n_shards)],
@@ -433,10 +438,14 @@ fn target_from_pb(t: pb::ListTarget) -> Result<Target, ApiError> {
 }
 
 /// `RevokeList`: runs the inbound stream on its own task, answering through a bounded queue.
-pub fn revoke_list(ctx: Arc<NodeCtx>, inbound: Streaming<pb::RevokeListRequest>) -> RevokeListStream {
+pub fn revoke_list(
+    ctx: Arc<NodeCtx>,
+    inbound: Streaming<pb::RevokeListRequest>,
+    caller: Option<Caller>,
+) -> RevokeListStream {
     let (tx, rx) = mpsc::channel(LIST_PROGRESS_QUEUE);
     tokio::spawn(async move {
-        if let Err(e) = run_list(&ctx, inbound, &tx).await {
+        if let Err(e) = run_list(&ctx, inbound, &tx, caller.as_ref()).await {
             let _ = tx.send(Err(e)).await;
         }
     });
@@ -447,12 +456,13 @@ async fn run_list(
     ctx: &NodeCtx,
     mut inbound: Streaming<pb::RevokeListRequest>,
     tx: &mpsc::Sender<Result<pb::RevokeJobInfo, Status>>,
+    caller: Option<&Caller>,
 ) -> Result<(), Status> {
     let Some(first) = inbound.message().await? else {
         return Err(Status::invalid_argument("RevokeList: the stream ended before its first message"));
     };
     let id = new_or_given_id(ctx, &first.job_id)?;
-    let revocation: Revocation = revocation(first.revocation.clone())?;
+    let revocation: Revocation = revocation(first.revocation.clone(), caller)?;
     let all: Vec<ShardId> = (0..ctx.n_shards).collect();
     let spec = JobSpec { selector: JobSelector::List, revocation, dry_run: first.dry_run };
     let parts = start_on(ctx, id, spec, &all).await?;

@@ -16,6 +16,17 @@ use tonic::{Code, Request, Response, Status};
 /// normally fires first and is reported the same way.
 const LOCAL_DEADLINE_GRACE: Duration = Duration::from_millis(250);
 
+/// `authorization: Bearer <key>` for every call of this process (`--api-key`), set once at start.
+static API_KEY: std::sync::OnceLock<tonic::metadata::AsciiMetadataValue> = std::sync::OnceLock::new();
+
+/// Present `key` on every call this process makes.
+pub fn use_api_key(key: &str) -> Result<(), Usage> {
+    let value =
+        format!("Bearer {key}").parse().map_err(|_| Usage("--api-key must be printable ASCII".to_owned()))?;
+    let _ = API_KEY.set(value);
+    Ok(())
+}
+
 /// A connected client with a per-call deadline. Cheap to clone (the channel is shared).
 #[derive(Clone)]
 pub struct Api {
@@ -60,6 +71,9 @@ impl Api {
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
+        if let Some(key) = API_KEY.get() {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
         request
     }
 

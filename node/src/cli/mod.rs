@@ -6,6 +6,7 @@
 //! through `cascade_node::run`).
 
 mod api;
+mod auth_cmd;
 mod cluster;
 mod commands;
 mod demo;
@@ -39,6 +40,9 @@ pub struct Cli {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// API key presented on every call (`cascade auth new-key` makes one).
+    #[arg(long, global = true, env = "CASCADE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Deadline of each call to the server, in milliseconds.
     #[arg(long, global = true, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     timeout_ms: u64,
@@ -51,6 +55,11 @@ enum Command {
     /// Run a node until SIGINT or SIGTERM.
     #[command(after_help = exit::HELP)]
     Serve(serve::ServeArgs),
+    /// API keys: make one (prints the key once, and the line for the nodes' [auth] config).
+    Auth {
+        #[command(subcommand)]
+        what: auth_cmd::AuthCommand,
+    },
     /// Create a session.
     #[command(after_help = exit::HELP)]
     Create(CreateArgs),
@@ -188,7 +197,11 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let out = cli.output;
     let timeout = Duration::from_millis(cli.timeout_ms);
+    if let Some(key) = &cli.api_key {
+        api::use_api_key(key)?;
+    }
     let command = match cli.command {
+        Command::Auth { what } => return auth_cmd::run(out, what),
         Command::Serve(args) => return serve::serve(args).await,
         Command::Demo(args) => return demo::demo(args, timeout).await,
         Command::Load(args) => return load::load(args, &cli.addr, out, timeout).await,
@@ -219,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status => commands::status(&api, out).await,
         Command::Cluster { what } => cluster::run(&api, &cli.addr, out, what).await,
         Command::Serve(_)
+        | Command::Auth { .. }
         | Command::Demo(_)
         | Command::Load(_)
         | Command::Propagation(_)

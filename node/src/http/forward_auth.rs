@@ -17,6 +17,7 @@
 //! refusal names its reason in `X-Cascade-Error`.
 
 use super::{unavailable, HttpState, TOKEN_LEN_MAX};
+use crate::auth::{self, Need, Role};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -208,6 +209,16 @@ fn allowed(token: &str, r: &pb::CheckSessionResponse) -> Response {
 }
 
 async fn decide(state: &HttpState, headers: &HeaderMap) -> Result<Response, Refusal> {
+    // The gateway itself first (its key in X-Cascade-Api-Key: Authorization is the user's).
+    state.caller(headers, Need::Any(&[Role::Gateway]), "forward-auth", false).map_err(|r| Refusal {
+        status: match r {
+            auth::Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            auth::Refusal::Denied(_) => StatusCode::FORBIDDEN,
+        },
+        outcome: "gateway_refused",
+        challenge: None,
+        reason: format!("gateway: {}", r.message()),
+    })?;
     let (token, dpop) = presented_token(headers)?;
     let jkt = proven_jkt(state, headers, &token, dpop)?;
     let required_aal = required_aal(headers)?;

@@ -16,10 +16,11 @@ pub mod oauth;
 
 use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
+use crate::auth::{self, Caller, Need, Policy};
 use crate::config::DpopConfig;
 use crate::metrics::{escape, Api, Metrics, MetricsLayer};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -38,16 +39,43 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub dpop: DpopConfig,
     pub replay: cascade_dpop::ReplayCache,
+    /// `None`: authentication is off.
+    pub auth: Option<Arc<Policy>>,
 }
 
 impl HttpState {
-    pub fn new(ctx: Arc<NodeCtx>, metrics: Arc<Metrics>, dpop: DpopConfig) -> HttpState {
+    pub fn new(
+        ctx: Arc<NodeCtx>,
+        metrics: Arc<Metrics>,
+        dpop: DpopConfig,
+        auth: Option<Arc<Policy>>,
+    ) -> HttpState {
         let replay = cascade_dpop::ReplayCache::new(dpop.replay_cache_max, dpop.iat_window_ms);
-        HttpState { svc: CascadeService { ctx }, metrics, dpop, replay }
+        HttpState { svc: CascadeService { ctx }, metrics, dpop, replay, auth }
     }
 
     fn ctx(&self) -> &NodeCtx {
         &self.svc.ctx
+    }
+
+    /// The caller of a request to `what`, which needs `need`. The key comes in
+    /// `X-Cascade-Api-Key`, or (where `Authorization` is not the user's) `Authorization: Bearer`.
+    fn caller(
+        &self,
+        headers: &HeaderMap,
+        need: Need,
+        what: &str,
+        bearer_is_caller: bool,
+    ) -> Result<Option<Caller>, auth::Refusal> {
+        let Some(policy) = &self.auth else { return Ok(None) };
+        let key = headers.get(auth::API_KEY_HEADER).and_then(|v| v.to_str().ok()).or_else(|| {
+            if bearer_is_caller {
+                auth::bearer(headers)
+            } else {
+                None
+            }
+        });
+        policy.authorize("http", need, what, key, None)
     }
 }
 
@@ -185,6 +213,19 @@ fn render_shards(status: &cascade_protocol::pb::NodeStatusResponse, out: &mut St
 fn oauth_json(status: StatusCode, body: serde_json::Value) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")], axum::Json(body))
         .into_response()
+}
+
+/// The answer to a caller the OAuth endpoints refuse: 401 `invalid_client` (RFC 6749 §5.2) or
+/// 403 `insufficient_scope` (RFC 6750 §3.1).
+fn oauth_refusal(refusal: &auth::Refusal) -> Response {
+    match refusal {
+        auth::Refusal::Unauthenticated(m) => {
+            let mut r = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", m.clone());
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+        auth::Refusal::Denied(m) => oauth_error(StatusCode::FORBIDDEN, "insufficient_scope", m.clone()),
+    }
 }
 
 /// An OAuth error answer (RFC 6749 §5.2 shape).

@@ -2,9 +2,11 @@
 //! tokens Cascade issues). Refresh tokens are revocable here (their whole family goes); they are
 //! not introspectable (their secret is checked only by rotation), and answer `active: false`.
 
-use super::{oauth_error, oauth_json, unavailable, HttpState, TOKEN_LEN_MAX};
+use super::{oauth_error, oauth_json, oauth_refusal, unavailable, HttpState, TOKEN_LEN_MAX};
+use crate::auth::{Caller, Need, Role};
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use cascade_protocol::ids::{RefreshToken, SessionId};
@@ -40,6 +42,15 @@ fn token(form: Result<Form<TokenForm>, FormRejection>) -> Result<String, Box<Res
     }
 }
 
+/// `message` as a request made by `caller` (for the actor of a revocation).
+fn as_caller<T>(caller: Option<&Caller>, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    if let Some(c) = caller {
+        r.extensions_mut().insert(c.clone());
+    }
+    r
+}
+
 fn inactive() -> Response {
     oauth_json(StatusCode::OK, serde_json::json!({ "active": false }))
 }
@@ -70,8 +81,12 @@ fn introspection(sid: &str, r: &pb::CheckSessionResponse) -> Response {
 /// tells the caller which key the presenter must prove (RFC 9449 §6.2).
 pub async fn introspect(
     State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
     form: Result<Form<TokenForm>, FormRejection>,
 ) -> Response {
+    if let Err(refusal) = state.caller(&headers, Need::Any(&[Role::Gateway]), "introspection", true) {
+        return oauth_refusal(&refusal);
+    }
     let token = match token(form) {
         Ok(t) => t,
         Err(answer) => return *answer,
@@ -100,8 +115,13 @@ pub async fn introspect(
 /// when the revocation could not be made durable (the caller must retry: the token may live).
 pub async fn revoke(
     State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
     form: Result<Form<TokenForm>, FormRejection>,
 ) -> Response {
+    let caller = match state.caller(&headers, Need::Any(&[Role::Idp, Role::Responder]), "revocation", true) {
+        Ok(c) => c,
+        Err(refusal) => return oauth_refusal(&refusal),
+    };
     let token = match token(form) {
         Ok(t) => t,
         Err(answer) => return *answer,
@@ -109,16 +129,16 @@ pub async fn revoke(
     let revocation = Some(pb::Revocation {
         reason: pb::ReasonCode::Logout as i32,
         text: "RFC 7009 revocation request".to_owned(),
-        actor: "http:oauth2/revoke".to_owned(),
+        actor: "oauth2/revoke".to_owned(),
     });
     let outcome = if token.len() > TOKEN_LEN_MAX {
         return StatusCode::OK.into_response();
     } else if token.parse::<SessionId>().is_ok() {
         let r = pb::RevokeSessionRequest { session_id: token, revocation };
-        state.svc.revoke_session(tonic::Request::new(r)).await
+        state.svc.revoke_session(as_caller(caller.as_ref(), r)).await
     } else if let Ok(rt) = token.parse::<RefreshToken>() {
         let r = pb::RevokeFamilyRequest { session_id: rt.session_id.to_string(), revocation };
-        state.svc.revoke_family(tonic::Request::new(r)).await
+        state.svc.revoke_family(as_caller(caller.as_ref(), r)).await
     } else {
         return StatusCode::OK.into_response();
     };

@@ -1,0 +1,311 @@
+//! Authentication and roles on a 3-node cluster: every role is allowed exactly its operations,
+//! over gRPC and HTTP; unauthenticated and wrong-role callers are refused and counted; nodes
+//! reach each other with the cluster key (replication and forwarding work); revocations record
+//! the authenticated caller.
+
+mod support;
+
+use cascade_node::auth::{key_hash, ApiKeyConfig, AuthConfig, Role};
+use cascade_node::config::ClusterNode;
+use cascade_protocol::pb;
+use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
+use support::cluster::{Member, TestCluster};
+use support::http::{post_form, request};
+use support::*;
+use tonic::Code;
+
+const GATEWAY: &str = "ck_test_gateway_key";
+const IDP: &str = "ck_test_idp_key";
+const RESPONDER: &str = "ck_test_responder_key";
+const ADMIN: &str = "ck_test_admin_key";
+const CLUSTER_KEY: &str = "test-cluster-key-0123456789";
+
+fn auth_config() -> AuthConfig {
+    let key = |name: &str, key: &str, role: Role| ApiKeyConfig {
+        name: name.to_owned(),
+        sha256: key_hash(key),
+        roles: vec![role],
+    };
+    AuthConfig {
+        api_keys: vec![
+            key("gw", GATEWAY, Role::Gateway),
+            key("idp", IDP, Role::Idp),
+            key("resp", RESPONDER, Role::Responder),
+            key("ops", ADMIN, Role::Admin),
+        ],
+        cluster_key: Some(CLUSTER_KEY.to_owned()),
+    }
+}
+
+/// `message` with `authorization: Bearer <key>` when a key is given.
+fn keyed<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    if let Some(k) = key {
+        r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("ascii key"));
+    }
+    r
+}
+
+/// Three nodes with auth on and HTTP, started and ready (polled with the admin key).
+async fn cluster() -> Vec<Member> {
+    let mut members: Vec<Member> = (0..3).map(|i| TestCluster::member(i, 4)).collect();
+    let nodes: Vec<ClusterNode> = members
+        .iter()
+        .map(|m| ClusterNode { id: m.id, addr: m.addr.to_string(), region: m.region.clone() })
+        .collect();
+    for m in &mut members {
+        m.config.cluster.nodes = nodes.clone();
+        m.config.auth = auth_config();
+        m.config.http_listen = Some(free_loopback_addr());
+    }
+    for m in &mut members {
+        m.start().await;
+    }
+    for m in &members {
+        let client = m.client().await;
+        poll_until("every shard led and fresh on every node", READY_DEADLINE, || {
+            let mut client = client.clone();
+            async move {
+                let s =
+                    client.node_status(keyed(pb::NodeStatusRequest {}, Some(ADMIN))).await.ok()?.into_inner();
+                s.shards.iter().all(|s| s.leader != 0 && s.fresh).then_some(())
+            }
+        })
+        .await;
+    }
+    members
+}
+
+/// Whether a call's result means the caller got past authentication.
+fn allowed<T: std::fmt::Debug>(r: &Result<T, tonic::Status>) -> bool {
+    !matches!(r, Err(s) if s.code() == Code::Unauthenticated || s.code() == Code::PermissionDenied)
+}
+
+/// Which of the four keys (gateway, idp, responder, admin) may make each call.
+async fn matrix(client: &Client, existing_user: &str) -> Vec<(&'static str, [bool; 4])> {
+    let keys = [GATEWAY, IDP, RESPONDER, ADMIN];
+    let mut rows = Vec::new();
+    macro_rules! row {
+        ($name:expr, |$c:ident, $k:ident| $call:expr) => {{
+            let mut cells = [false; 4];
+            for (i, key) in keys.iter().enumerate() {
+                let mut $c = client.clone();
+                let $k = Some(*key);
+                let r = $call.await;
+                cells[i] = allowed(&r);
+            }
+            rows.push(($name, cells));
+        }};
+    }
+    row!("CheckSession", |c, k| c.check_session(keyed(check_req(&unknown_session_id(0), "", 0), k)));
+    row!("WatchRevocations", |c, k| c.watch_revocations(keyed(pb::WatchRevocationsRequest::default(), k)));
+    row!("CreateSession", |c, k| c.create_session(keyed(create_req("acme", "matrix", "web"), k)));
+    row!("ListUserSessions", |c, k| c.list_user_sessions(keyed(
+        pb::ListUserSessionsRequest { tenant: "acme".into(), user_id: existing_user.into() },
+        k
+    )));
+    row!("RevokeSession", |c, k| c.revoke_session(keyed(
+        pb::RevokeSessionRequest { session_id: unknown_session_id(1), revocation: None },
+        k
+    )));
+    row!("RevokeUser", |c, k| c.revoke_user(keyed(
+        pb::RevokeUserRequest { tenant: "acme".into(), user_id: "nobody".into(), revocation: None },
+        k
+    )));
+    row!("QueryAudit", |c, k| c.query_audit(keyed(pb::QueryAuditRequest::default(), k)));
+    row!("TransferLeader", |c, k| c
+        .transfer_leader(keyed(pb::TransferLeaderRequest { shard: 999, to_node: 0 }, k)));
+    row!("NodeStatus", |c, k| c.node_status(keyed(pb::NodeStatusRequest {}, k)));
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_are_enforced_over_grpc_and_http() {
+    let members = cluster().await;
+    let client = members[1].client().await;
+
+    // Writes through every node: those not leading the shard forward with the cluster key.
+    let mut sessions = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        let mut c = m.client().await;
+        for j in 0..4 {
+            let r = c
+                .create_session(keyed(create_req("acme", &format!("u{i}-{j}"), "web"), Some(IDP)))
+                .await
+                .unwrap_or_else(|s| panic!("create through node {}: {s:?}", m.id));
+            sessions.push(r.into_inner().session_id);
+        }
+    }
+
+    let rows = matrix(&client, "u0-0").await;
+    let expected: Vec<(&str, [bool; 4])> = vec![
+        //                      gateway idp    responder admin
+        ("CheckSession", [true, true, true, false]),
+        ("WatchRevocations", [true, false, false, false]),
+        ("CreateSession", [false, true, false, false]),
+        ("ListUserSessions", [false, true, true, false]),
+        ("RevokeSession", [false, true, true, false]),
+        ("RevokeUser", [false, false, true, false]),
+        ("QueryAudit", [false, false, true, false]),
+        ("TransferLeader", [false, false, false, true]),
+        ("NodeStatus", [true, true, true, true]),
+    ];
+    assert_eq!(rows, expected, "allowed per key (gateway, idp, responder, admin)");
+
+    // No key, an unknown key: UNAUTHENTICATED. Health is open.
+    let mut c = client.clone();
+    let s = c.check_session(keyed(check_req(&sessions[0], "", 0), None)).await.expect_err("no key");
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let s =
+        c.check_session(keyed(check_req(&sessions[0], "", 0), Some("ck_nope"))).await.expect_err("bad key");
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", members[1].addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health.check(tonic_health::pb::HealthCheckRequest::default()).await.expect("health is open");
+    // The Raft transport takes the cluster key only, not an API key.
+    let mut raft = RaftTransportClient::new(channel);
+    let s = raft
+        .read_index(keyed(cascade_protocol::raft_pb::ReadIndexRequest::default(), Some(ADMIN)))
+        .await
+        .expect_err("an API key on the Raft transport");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+    // A revocation records who made it.
+    c.revoke_session(keyed(
+        pb::RevokeSessionRequest {
+            session_id: sessions[0].clone(),
+            revocation: Some(pb::Revocation {
+                reason: pb::ReasonCode::Compromised as i32,
+                text: "t".into(),
+                actor: "alice".into(),
+            }),
+        },
+        Some(RESPONDER),
+    ))
+    .await
+    .expect("revoke as responder");
+    let audit = c
+        .query_audit(keyed(pb::QueryAuditRequest::default(), Some(RESPONDER)))
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit.entries.iter().any(|e| e.actor == "resp (alice)"),
+        "audit actors: {:?}",
+        audit.entries.iter().map(|e| &e.actor).collect::<Vec<_>>()
+    );
+
+    // HTTP: introspection needs a gateway key; revocation an idp or responder key.
+    let http = members[1].config.http_listen.expect("HTTP address");
+    let form = format!("token={}", sessions[1]);
+    let a = post_form(http, "/oauth2/introspect", &form).await;
+    assert_eq!((a.status, a.json()["error"].as_str()), (401, Some("invalid_client")), "{a:?}");
+    let with_key = |key: &'static str| {
+        vec![("Content-Type", "application/x-www-form-urlencoded"), ("X-Cascade-Api-Key", key)]
+    };
+    let a = request(http, "POST", "/oauth2/introspect", &with_key(IDP), &form).await;
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = request(http, "POST", "/oauth2/introspect", &with_key(GATEWAY), &form).await;
+    assert_eq!((a.status, a.json()["active"].as_bool()), (200, Some(true)), "{a:?}");
+    let bearer = format!("Bearer {GATEWAY}");
+    let a = request(
+        http,
+        "POST",
+        "/oauth2/introspect",
+        &[("Content-Type", "application/x-www-form-urlencoded"), ("Authorization", &bearer)],
+        &form,
+    )
+    .await;
+    assert_eq!(a.status, 200, "a caller may authenticate with Authorization: Bearer: {a:?}");
+    let a = request(http, "POST", "/oauth2/revoke", &with_key(GATEWAY), &form).await;
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = request(http, "POST", "/oauth2/revoke", &with_key(IDP), &form).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let r = c
+        .check_session(keyed(check_req(&sessions[1], "", 0), Some(GATEWAY)))
+        .await
+        .expect("check")
+        .into_inner();
+    assert_eq!(r.status, pb::CheckStatus::Revoked as i32, "{r:?}");
+
+    // Forward-auth: the gateway's key in X-Cascade-Api-Key, the user's token in Authorization.
+    let user = format!("Bearer {}", sessions[2]);
+    let a = request(http, "GET", "/forward-auth", &[("Authorization", user.as_str())], "").await;
+    assert_eq!(a.status, 401, "{a:?}");
+    let a = request(
+        http,
+        "GET",
+        "/forward-auth",
+        &[("Authorization", user.as_str()), ("X-Cascade-Api-Key", RESPONDER)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = request(
+        http,
+        "GET",
+        "/forward-auth",
+        &[("Authorization", user.as_str()), ("X-Cascade-Api-Key", GATEWAY)],
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+
+    // Refusals are counted.
+    let m = request(http, "GET", "/metrics", &[], "").await;
+    for needle in [
+        "cascade_auth_refused_total{api=\"grpc\",reason=\"unauthenticated\"}",
+        "cascade_auth_refused_total{api=\"grpc\",reason=\"permission_denied\"}",
+        "cascade_auth_refused_total{api=\"http\",reason=\"unauthenticated\"} 2",
+        "cascade_auth_refused_total{api=\"http\",reason=\"permission_denied\"} 3",
+    ] {
+        assert!(m.body.contains(needle), "/metrics lacks {needle}:\n{}", m.body);
+    }
+
+    // The SDK presents its key on discovery and checks; without one it cannot even discover.
+    let seeds: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
+    let mut config = cascade_client::ClientConfig::new(seeds.clone());
+    config.api_key = Some(GATEWAY.to_owned());
+    let sdk = cascade_client::Client::connect(config).await.expect("SDK with a gateway key");
+    let r = sdk.check(check_req(&sessions[3], "", 0)).await.expect("SDK check");
+    assert_eq!(r.status, pb::CheckStatus::Valid as i32, "{r:?}");
+    let mut config = cascade_client::ClientConfig::new(seeds);
+    config.attempts = 1;
+    assert!(cascade_client::Client::connect(config).await.is_err(), "an SDK without a key is refused");
+
+    // The CLI: `auth new-key` makes a key and its config entry; `--api-key` is presented.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cascade")).args(args).output().expect("run cascade")
+    };
+    let out = cli(&["-o", "json", "auth", "new-key", "--name", "gw-2", "--role", "gateway", "--role", "idp"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let key = made["key"].as_str().expect("key");
+    assert_eq!(made["sha256"].as_str(), Some(key_hash(key).as_str()));
+    assert_eq!(made["roles"], "gateway,idp");
+    let out = cli(&["auth", "new-key", "--name", "x", "--role", "root"]);
+    assert_eq!(out.status.code(), Some(2), "an unknown role is a usage error");
+    let addr = format!("http://{}", members[2].addr);
+    let revoke = ["--addr", addr.as_str(), "revoke", "user", "--tenant", "acme", "--user", "u2-1"];
+    let out = cli(&revoke);
+    assert_eq!(out.status.code(), Some(3), "no key: refused (exit 3)");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[&["--api-key", IDP][..], &revoke[..]].concat());
+    assert_eq!(out.status.code(), Some(3), "idp may not revoke a user");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[&["--api-key", RESPONDER][..], &revoke[..]].concat());
+    assert!(out.status.success(), "responder revokes a user: {}", String::from_utf8_lossy(&out.stderr));
+    drop(members);
+}
