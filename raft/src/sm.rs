@@ -296,12 +296,24 @@ impl ShardReader {
 
 /// Contents of a snapshot: the whole shard. The session index is rebuilt from the users.
 #[derive(Serialize, Deserialize)]
-struct SnapshotBody {
+pub struct SnapshotBody {
     meta: ShardMeta,
     users: Vec<UserState>,
     jobs: Vec<Job>,
     /// Audit records with their keys' (index, position).
     audit: Vec<(u64, u32, AuditRecord)>,
+}
+
+impl SnapshotBody {
+    /// Decode a snapshot's bytes as a peer sent them (untrusted: bounded, never panics).
+    pub fn decode(bytes: &[u8]) -> Result<SnapshotBody, codec::CodecError> {
+        codec::decode(bytes)
+    }
+
+    /// Users in the snapshot.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
 }
 
 /// openraft's state machine for one shard.
@@ -745,7 +757,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody = codec::decode(&data)
+        let body = SnapshotBody::decode(&data)
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         self.tree.clear_prefix(PREFIX_USER).map_err(write_err)?;
         self.tree.clear_prefix(PREFIX_SESSION).map_err(write_err)?;
