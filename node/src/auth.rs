@@ -23,8 +23,9 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 pub use cascade_raft::network::CLUSTER_KEY_HEADER;
 /// HTTP header carrying a caller's API key where `Authorization` carries a user's token.
@@ -76,12 +77,28 @@ pub struct ApiKeyConfig {
 }
 
 /// The `[auth]` section.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// The secret every node of the cluster presents to the others (same on every node).
     pub cluster_key: Option<String>,
+    /// Requests per second each API key may make to this node (a token bucket holding one
+    /// second's worth); beyond it, RESOURCE_EXHAUSTED (HTTP 429). 0: unlimited.
+    pub requests_per_s_per_key: u32,
+    /// `WatchRevocations` streams each API key may hold open on this node.
+    pub watch_streams_per_key_max: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_keys: Vec::new(),
+            cluster_key: None,
+            requests_per_s_per_key: 0,
+            watch_streams_per_key_max: 64,
+        }
+    }
 }
 
 impl AuthConfig {
@@ -117,6 +134,11 @@ impl AuthConfig {
                 "auth.cluster_key must be printable ASCII without spaces"
             );
         }
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.watch_streams_per_key_max),
+            "auth.watch_streams_per_key_max must be between 1 and 100000, got {}",
+            self.watch_streams_per_key_max
+        );
         anyhow::ensure!(
             !(multi_node && !self.api_keys.is_empty() && self.cluster_key.is_none()),
             "auth.cluster_key must be set when auth.api_keys are, on a cluster of several nodes (nodes forward requests to each other)"
@@ -188,6 +210,8 @@ pub enum Refusal {
     Unauthenticated(String),
     /// A known key without a role the operation needs.
     Denied(String),
+    /// A known key over its request rate.
+    RateLimited(String),
 }
 
 impl Refusal {
@@ -195,12 +219,13 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_) => "unauthenticated",
             Refusal::Denied(_) => "permission_denied",
+            Refusal::RateLimited(_) => "rate_limited",
         }
     }
 
     pub fn message(&self) -> &str {
         match self {
-            Refusal::Unauthenticated(m) | Refusal::Denied(m) => m,
+            Refusal::Unauthenticated(m) | Refusal::Denied(m) | Refusal::RateLimited(m) => m,
         }
     }
 
@@ -208,6 +233,7 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m.clone()),
             Refusal::Denied(m) => tonic::Status::permission_denied(m.clone()),
+            Refusal::RateLimited(m) => tonic::Status::resource_exhausted(m.clone()),
         }
     }
 }
@@ -231,11 +257,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A token bucket: `rate` tokens a second, at most `rate` held.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
 /// The configured keys, by hash.
 pub struct Policy {
     keys: BTreeMap<String, (String, Vec<Role>)>,
     cluster_key_hash: Option<String>,
     pub metrics: Arc<Metrics>,
+    /// Requests per second per key (0: unlimited), and each key's bucket (one per configured
+    /// key, so bounded by the configuration).
+    rate: u32,
+    buckets: Mutex<BTreeMap<String, Bucket>>,
 }
 
 impl Policy {
@@ -253,7 +289,30 @@ impl Policy {
             keys,
             cluster_key_hash: config.cluster_key.as_deref().map(key_hash),
             metrics,
+            rate: config.requests_per_s_per_key,
+            buckets: Mutex::default(),
         }))
+    }
+
+    /// Take one request from `caller`'s bucket.
+    fn admit(&self, caller: &Caller) -> Result<(), Refusal> {
+        if self.rate == 0 || caller.node {
+            return Ok(());
+        }
+        let rate = f64::from(self.rate);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let b = buckets.entry(caller.name.clone()).or_insert(Bucket { tokens: rate, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(rate);
+        b.at = now;
+        if b.tokens < 1.0 {
+            return Err(Refusal::RateLimited(format!(
+                "key {:?} exceeds {} requests/s on this node (auth.requests_per_s_per_key); retry with backoff",
+                caller.name, self.rate
+            )));
+        }
+        b.tokens -= 1.0;
+        Ok(())
     }
 
     /// Who presents `api_key` and/or `cluster_key` (either may be absent).
@@ -313,8 +372,10 @@ impl Policy {
         if need == Need::Open && api_key.is_none() && cluster_key.is_none() {
             return Ok(None);
         }
-        let result =
-            self.identify(api_key, cluster_key).and_then(|c| Policy::permit(&c, need, what).map(|()| c));
+        let result = self
+            .identify(api_key, cluster_key)
+            .and_then(|c| Policy::permit(&c, need, what).map(|()| c))
+            .and_then(|c| self.admit(&c).map(|()| c));
         match result {
             Ok(c) => Ok(Some(c)),
             Err(_) if need == Need::Open => Ok(None),
@@ -418,6 +479,7 @@ mod tests {
                 },
             ],
             cluster_key: Some("cluster-secret-0123".into()),
+            ..AuthConfig::default()
         };
         Policy::new(&config, Arc::default()).expect("enabled")
     }

@@ -38,7 +38,7 @@ pub async fn run(
     config.validate()?;
     let limits = config.limits.to_limits()?;
     let directory = ShardDirectory::default();
-    let watch = Arc::new(WatchHub::default());
+    let watch = Arc::new(WatchHub::with_caller_max(config.auth.watch_streams_per_key_max));
     let observer =
         Arc::new(WatchObserver { directory: DirectoryObserver(directory.clone()), hub: watch.clone() });
     let host_config = HostConfig {

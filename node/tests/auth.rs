@@ -34,6 +34,7 @@ fn auth_config() -> AuthConfig {
             key("ops", ADMIN, Role::Admin),
         ],
         cluster_key: Some(CLUSTER_KEY.to_owned()),
+        ..AuthConfig::default()
     }
 }
 
@@ -48,6 +49,10 @@ fn keyed<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
 
 /// Three nodes with auth on and HTTP, started and ready (polled with the admin key).
 async fn cluster() -> Vec<Member> {
+    cluster_with(|_| {}).await
+}
+
+async fn cluster_with(adjust: impl Fn(&mut AuthConfig)) -> Vec<Member> {
     let mut members: Vec<Member> = (0..3).map(|i| TestCluster::member(i, 4)).collect();
     let nodes: Vec<ClusterNode> = members
         .iter()
@@ -56,6 +61,7 @@ async fn cluster() -> Vec<Member> {
     for m in &mut members {
         m.config.cluster.nodes = nodes.clone();
         m.config.auth = auth_config();
+        adjust(&mut m.config.auth);
         m.config.http_listen = Some(free_loopback_addr());
     }
     for m in &mut members {
@@ -188,16 +194,15 @@ async fn roles_are_enforced_over_grpc_and_http() {
     ))
     .await
     .expect("revoke as responder");
-    let audit = c
-        .query_audit(keyed(pb::QueryAuditRequest::default(), Some(RESPONDER)))
-        .await
-        .expect("audit")
-        .into_inner();
-    assert!(
-        audit.entries.iter().any(|e| e.actor == "resp (alice)"),
-        "audit actors: {:?}",
-        audit.entries.iter().map(|e| &e.actor).collect::<Vec<_>>()
-    );
+    // Audit is read from this node's replicas: poll until the entry has reached them.
+    poll_until("the revocation in the audit trail, with its actor", STATE_DEADLINE, || {
+        let mut c = c.clone();
+        async move {
+            let audit = c.query_audit(keyed(pb::QueryAuditRequest::default(), Some(RESPONDER))).await.ok()?;
+            audit.into_inner().entries.iter().any(|e| e.actor == "resp (alice)").then_some(())
+        }
+    })
+    .await;
 
     // HTTP: introspection needs a gateway key; revocation an idp or responder key.
     let http = members[1].config.http_listen.expect("HTTP address");
@@ -225,11 +230,9 @@ async fn roles_are_enforced_over_grpc_and_http() {
     assert_eq!(a.status, 403, "{a:?}");
     let a = request(http, "POST", "/oauth2/revoke", &with_key(IDP), &form).await;
     assert_eq!(a.status, 200, "{a:?}");
-    let r = c
-        .check_session(keyed(check_req(&sessions[1], "", 0), Some(GATEWAY)))
-        .await
-        .expect("check")
-        .into_inner();
+    // Linearizable: a follower may answer VALID up to the revocation bound after the ack (P2).
+    let linearizable = pb::CheckSessionRequest { linearizable: true, ..check_req(&sessions[1], "", 0) };
+    let r = c.check_session(keyed(linearizable, Some(GATEWAY))).await.expect("check").into_inner();
     assert_eq!(r.status, pb::CheckStatus::Revoked as i32, "{r:?}");
 
     // Forward-auth: the gateway's key in X-Cascade-Api-Key, the user's token in Authorization.
@@ -307,5 +310,53 @@ async fn roles_are_enforced_over_grpc_and_http() {
     );
     let out = cli(&[&["--api-key", RESPONDER][..], &revoke[..]].concat());
     assert!(out.status.success(), "responder revokes a user: {}", String::from_utf8_lossy(&out.stderr));
+    drop(members);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rate_and_watch_limits() {
+    let members = cluster_with(|a| {
+        a.requests_per_s_per_key = 20;
+        a.watch_streams_per_key_max = 2;
+    })
+    .await;
+    let client = members[0].client().await;
+
+    // Two watch streams per key on a node; the third is refused until one closes.
+    let watch = |key: &'static str| {
+        let mut c = client.clone();
+        async move { c.watch_revocations(keyed(pb::WatchRevocationsRequest::default(), Some(key))).await }
+    };
+    let first = watch(GATEWAY).await.expect("first stream");
+    let _second = watch(GATEWAY).await.expect("second stream");
+    let s = watch(GATEWAY).await.expect_err("third stream");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    drop(first);
+    poll_until("a stream slot after one closed", STATE_DEADLINE, || async { watch(GATEWAY).await.ok() })
+        .await;
+
+    // 20 requests/s per key: a burst of 100 is mostly refused; another key is not affected.
+    let mut refused = 0;
+    for _ in 0..100 {
+        let mut c = client.clone();
+        match c.check_session(keyed(check_req(&unknown_session_id(0), "", 0), Some(GATEWAY))).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::ResourceExhausted => refused += 1,
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(refused >= 50, "only {refused} of 100 refused at 20/s");
+    let mut c = client.clone();
+    c.check_session(keyed(check_req(&unknown_session_id(0), "", 0), Some(IDP))).await.expect("another key");
+    // Over HTTP: 429, not 401/403 (forward-auth must not call the user's token bad).
+    let http = members[0].config.http_listen.expect("HTTP address");
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let a = request(http, "GET", "/forward-auth", &[("X-Cascade-Api-Key", GATEWAY)], "").await;
+        statuses.insert(a.status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let m = request(http, "GET", "/metrics", &[], "").await;
+    assert!(m.body.contains("reason=\"rate_limited\""), "{}", m.body);
     drop(members);
 }

@@ -292,7 +292,11 @@ impl Cascade for CascadeService {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Reply<Self::WatchRevocationsStream> {
         let forwarded = forwarded(&request);
-        crate::api::watch::watch(self.ctx.clone(), request.into_inner(), forwarded).map(Response::new)
+        let slot = match caller_of(&request) {
+            Some(c) if !c.node => Some(crate::api::watch::WatchHub::caller_slot(&self.ctx.watch, &c.name)?),
+            _ => None,
+        };
+        crate::api::watch::watch(self.ctx.clone(), request.into_inner(), forwarded, slot).map(Response::new)
     }
 
     async fn check_session(

@@ -54,19 +54,63 @@ pub struct WatchHub {
     applied: Notify,
     subscribers: AtomicUsize,
     closing: tokio::sync::watch::Sender<bool>,
+    /// Streams per authenticated caller (API key name), at most `per_caller_max` each.
+    per_caller: std::sync::Mutex<BTreeMap<String, usize>>,
+    per_caller_max: usize,
 }
 
 impl Default for WatchHub {
     fn default() -> Self {
+        WatchHub::with_caller_max(WATCH_SUBSCRIBERS_MAX)
+    }
+}
+
+impl WatchHub {
+    /// A hub allowing each authenticated caller `per_caller_max` streams.
+    pub fn with_caller_max(per_caller_max: usize) -> WatchHub {
         WatchHub {
             applied: Notify::new(),
             subscribers: AtomicUsize::new(0),
             closing: tokio::sync::watch::Sender::new(false),
+            per_caller: std::sync::Mutex::default(),
+            per_caller_max,
+        }
+    }
+}
+
+/// One of a caller's watch streams, counted until dropped.
+pub struct CallerSlot {
+    hub: Arc<WatchHub>,
+    name: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut per = self.hub.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.name);
+            }
         }
     }
 }
 
 impl WatchHub {
+    /// A stream slot for caller `name`, refused past `per_caller_max`.
+    pub fn caller_slot(hub: &Arc<WatchHub>, name: &str) -> Result<CallerSlot, Status> {
+        let mut per = hub.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(name.to_owned()).or_insert(0);
+        if *n >= hub.per_caller_max {
+            return Err(Status::resource_exhausted(format!(
+                "key {name:?} already has {} watch streams on this node (auth.watch_streams_per_key_max)",
+                hub.per_caller_max
+            )));
+        }
+        *n += 1;
+        Ok(CallerSlot { hub: hub.clone(), name: name.to_owned() })
+    }
+
     pub fn subscribers(&self) -> usize {
         self.subscribers.load(Ordering::Relaxed)
     }
@@ -124,6 +168,7 @@ pub fn watch(
     ctx: Arc<NodeCtx>,
     req: pb::WatchRevocationsRequest,
     forwarded: bool,
+    slot: Option<CallerSlot>,
 ) -> Result<WatchStream, Status> {
     if req.cursors.len() > usize::from(ctx.n_shards) || req.shards.len() > usize::from(ctx.n_shards) {
         return Err(Status::invalid_argument(format!(
@@ -184,6 +229,7 @@ pub fn watch(
     let (tx, rx) = mpsc::channel(WATCH_QUEUE_MAX + 1);
     tokio::spawn(async move {
         let _subscribed = subscribed;
+        let _slot = slot;
         let node = ctx.node_id;
         let served = tokio::select! {
             served = serve(&ctx, local.clone(), &tx), if !local.is_empty() => served,

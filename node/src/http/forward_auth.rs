@@ -214,6 +214,9 @@ async fn decide(state: &HttpState, headers: &HeaderMap) -> Result<Response, Refu
         status: match r {
             auth::Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             auth::Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            // Not 401/403: a gateway must not tell its user the token is bad; nginx turns
+            // this into 500 (fail closed).
+            auth::Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         },
         outcome: "gateway_refused",
         challenge: None,

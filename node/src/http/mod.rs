@@ -225,6 +225,11 @@ fn oauth_refusal(refusal: &auth::Refusal) -> Response {
             r
         }
         auth::Refusal::Denied(m) => oauth_error(StatusCode::FORBIDDEN, "insufficient_scope", m.clone()),
+        auth::Refusal::RateLimited(m) => {
+            let mut r = oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down", m.clone());
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 
