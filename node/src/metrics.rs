@@ -15,6 +15,8 @@ use std::time::Instant;
 /// Upper bounds of the latency buckets, in seconds (the last bucket, `+Inf`, is implicit).
 pub const BUCKETS_S: [f64; 16] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Revocations applied later than this after their stamp are counted as late, not as lag.
+pub const LAG_LATE_MS: u64 = 60_000;
 /// Distinct (api, method) and (api, method, code) series at most; later ones are counted under
 /// method `other`.
 pub const SERIES_MAX: usize = 256;
@@ -28,6 +30,22 @@ struct Histogram {
 }
 
 impl Histogram {
+    /// The buckets, sum and count of histogram `name` with `labels` (may be empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS_S.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+
     fn record(&self, seconds: f64) {
         if let Some(i) = BUCKETS_S.iter().position(|b| seconds <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -47,6 +65,11 @@ pub struct Metrics {
     counts: RwLock<BTreeMap<(Key, String), Arc<AtomicU64>>>,
     /// Forward-auth answers by outcome.
     forward_auth: RwLock<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    /// Revocation stamped by its leader → applied on this replica (node clocks may differ).
+    revocation_lag: Histogram,
+    /// Revocations applied more than [`LAG_LATE_MS`] after their stamp (replays at start-up,
+    /// catch-up after a partition): counted apart so they do not drown the live lag.
+    revocation_late: AtomicU64,
     /// Callers refused by authentication, by API and reason.
     auth_refused: RwLock<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
 }
@@ -91,6 +114,15 @@ impl Metrics {
         }
     }
 
+    /// One revocation applied on this replica `lag_ms` after its leader stamped it.
+    pub fn revocation_applied(&self, lag_ms: u64) {
+        if lag_ms > LAG_LATE_MS {
+            self.revocation_late.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.revocation_lag.record(lag_ms as f64 / 1000.0);
+        }
+    }
+
     /// Count one refused caller.
     pub fn auth_refused(&self, api: &'static str, reason: &'static str) {
         if let Some(c) = entry(&self.auth_refused, &(api, reason), true) {
@@ -115,19 +147,7 @@ impl Metrics {
         out.push_str("# TYPE cascade_request_duration_seconds histogram\n");
         for ((api, method), h) in self.durations.read().unwrap_or_else(|p| p.into_inner()).iter() {
             let labels = format!("api=\"{api}\",method=\"{}\"", escape(method));
-            let mut cumulative = 0;
-            for (b, n) in BUCKETS_S.iter().zip(&h.buckets) {
-                cumulative += n.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "cascade_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {cumulative}"
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "cascade_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
-            let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "cascade_request_duration_seconds_sum{{{labels}}} {sum}");
-            let _ = writeln!(out, "cascade_request_duration_seconds_count{{{labels}}} {count}");
+            h.render(out, "cascade_request_duration_seconds", &labels);
         }
         out.push_str("# HELP cascade_forward_auth_total Forward-auth answers, by outcome.\n");
         out.push_str("# TYPE cascade_forward_auth_total counter\n");
@@ -138,6 +158,16 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
+        out.push_str("# HELP cascade_revocation_apply_lag_seconds From a revocation's stamp by its leader to its apply on this replica (includes clock offset between nodes).\n");
+        out.push_str("# TYPE cascade_revocation_apply_lag_seconds histogram\n");
+        self.revocation_lag.render(out, "cascade_revocation_apply_lag_seconds", "");
+        out.push_str("# HELP cascade_revocation_applied_late_total Revocations applied here over 60 s after their stamp (start-up replay, catch-up).\n");
+        out.push_str("# TYPE cascade_revocation_applied_late_total counter\n");
+        let _ = writeln!(
+            out,
+            "cascade_revocation_applied_late_total {}",
+            self.revocation_late.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP cascade_auth_refused_total Callers refused: no or unknown key (unauthenticated), or a key without the role (permission_denied).\n");
         out.push_str("# TYPE cascade_auth_refused_total counter\n");
         for ((api, reason), n) in self.auth_refused.read().unwrap_or_else(|p| p.into_inner()).iter() {

@@ -39,8 +39,6 @@ pub async fn run(
     let limits = config.limits.to_limits()?;
     let directory = ShardDirectory::default();
     let watch = Arc::new(WatchHub::with_caller_max(config.auth.watch_streams_per_key_max));
-    let observer =
-        Arc::new(WatchObserver { directory: DirectoryObserver(directory.clone()), hub: watch.clone() });
     let host_config = HostConfig {
         node_id: config.node_id,
         node: CascadeNode { addr: config.advertise_addr(), region: config.region.clone() },
@@ -62,6 +60,12 @@ pub async fn run(
     let clock_offset_ms = Arc::new(AtomicI64::new(0));
     let clock: Arc<dyn Clock> =
         Arc::new(OffsetClock { inner: seams.clock, offset_ms: clock_offset_ms.clone() });
+    let metrics = Arc::new(Metrics::default());
+    let observer = Arc::new(WatchObserver {
+        directory: DirectoryObserver(directory.clone()),
+        hub: watch.clone(),
+        lag: Some((clock.clone(), metrics.clone())),
+    });
     let mut peers = seams.peers;
     if let Some(key) = &config.auth.cluster_key {
         peers.set_cluster_key(key).map_err(anyhow::Error::msg)?;
@@ -100,7 +104,6 @@ pub async fn run(
     ctx.clock_offset_ms = clock_offset_ms;
     ctx.watch = watch.clone();
     let ctx = Arc::new(ctx);
-    let metrics = Arc::new(Metrics::default());
     let auth = Policy::new(&config.auth, metrics.clone());
     if auth.is_none() {
         tracing::warn!(

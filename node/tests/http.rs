@@ -275,6 +275,7 @@ async fn forward_auth_answers_200_401_403() {
         "cascade_requests_total{api=\"grpc\",method=\"Cascade/CreateSession\",code=\"OK\"} 3",
         "cascade_requests_total{api=\"http\",method=\"/forward-auth\",code=\"200\"} 3",
         "cascade_shard_fresh{shard=\"0\"} 1",
+        "cascade_revocation_apply_lag_seconds_count 1\n",
         "cascade_shard_role{shard=\"0\",role=\"leader\"} 1",
     ] {
         assert!(m.body.contains(needle), "/metrics lacks {needle}:\n{}", m.body);
@@ -303,7 +304,25 @@ async fn trusted_thumbprint_header_when_configured() {
 
 #[tokio::test]
 async fn health_and_readiness() {
-    let (node, http) = http_node(|_| {}).await;
+    let (mut node, http) = http_node(|_| {}).await;
+    // A job shows in /metrics with its progress.
+    let job = node
+        .client
+        .start_revoke_job(cascade_protocol::pb::StartRevokeJobRequest {
+            selector: Some(cascade_protocol::pb::SessionSelector {
+                tenant: "acme".into(),
+                aal_below: 2,
+                ..Default::default()
+            }),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("dry-run job")
+        .into_inner();
+    let m = request(http, "GET", "/metrics", &[], "").await;
+    let needle = format!("cascade_job_shards{{job=\"{}\"", job.job_id);
+    assert!(m.body.contains(&needle), "/metrics lacks {needle}:\n{}", m.body);
     let a = request(http, "GET", "/healthz", &[], "").await;
     assert_eq!((a.status, a.body.as_str()), (200, "ok\n"));
     let a = request(http, "GET", "/readyz", &[], "").await;

@@ -126,6 +126,8 @@ impl WatchHub {
 pub struct WatchObserver {
     pub directory: DirectoryObserver,
     pub hub: Arc<WatchHub>,
+    /// Where revocation lag is measured: this node's clock and metrics.
+    pub lag: Option<(Arc<dyn crate::seams::Clock>, Arc<crate::metrics::Metrics>)>,
 }
 
 impl ApplyObserver for WatchObserver {
@@ -139,6 +141,17 @@ impl ApplyObserver for WatchObserver {
         self.directory.on_applied(shard, applied_index, users, events);
         if !events.is_empty() {
             self.hub.applied.notify_waiters();
+            if let Some((clock, metrics)) = &self.lag {
+                let now = clock.now_ms();
+                for e in events {
+                    let at = match e {
+                        RevocationEvent::Session { at_ms, .. } | RevocationEvent::Watermark { at_ms, .. } => {
+                            *at_ms
+                        }
+                    };
+                    metrics.revocation_applied(now.saturating_sub(at));
+                }
+            }
         }
     }
 }

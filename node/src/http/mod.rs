@@ -148,7 +148,47 @@ async fn metrics_text(State(state): State<Arc<HttpState>>) -> Response {
             let _ = writeln!(out, "# shard state unavailable: {}", escape(&e.to_string()));
         }
     }
+    let local: Vec<u32> = (0..ctx.n_shards).filter(|s| ctx.is_replica(*s)).map(u32::from).collect();
+    if !local.is_empty() {
+        match crate::api::jobs::list(ctx, cascade_protocol::pb::ListRevokeJobsRequest { shards: local }).await
+        {
+            Ok(jobs) => render_jobs(&jobs.jobs, &mut out),
+            Err(e) => {
+                let _ = writeln!(out, "# jobs unavailable: {}", escape(&e.to_string()));
+            }
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+/// Mass revocation jobs as this node's replicas know them (each node reports its shards' parts).
+fn render_jobs(jobs: &[cascade_protocol::pb::RevokeJobInfo], out: &mut String) {
+    type JobGauge = (&'static str, &'static str, fn(&cascade_protocol::pb::RevokeJobInfo) -> u64);
+    let gauges: [JobGauge; 4] = [
+        (
+            "cascade_job_sessions",
+            "Sessions a job revoked (counted, for a dry run) on this node's shards.",
+            |j| j.sessions,
+        ),
+        ("cascade_job_users_scanned", "Users a job scanned on this node's shards.", |j| j.users_scanned),
+        ("cascade_job_shards_done", "This node's shards on which the job is done.", |j| {
+            u64::from(j.shards_done)
+        }),
+        ("cascade_job_shards", "This node's shards the job runs on.", |j| u64::from(j.shards_total)),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for j in jobs {
+            let _ = writeln!(
+                out,
+                "{name}{{job=\"{}\",state=\"{}\"}} {}",
+                escape(&j.job_id),
+                escape(&j.state),
+                value(j)
+            );
+        }
+    }
 }
 
 /// A per-shard gauge: name, help text, and its value for one replica.
