@@ -30,6 +30,9 @@ pub struct ClientConfig {
     /// API key presented on every call (`authorization: Bearer <key>`), for clusters with
     /// authentication on; a gateway's key needs the `gateway` role.
     pub api_key: Option<String>,
+    /// TLS to every node (`https://`), e.g. `ClientTlsConfig::new().ca_certificate(ca)`, with
+    /// `.identity(..)` for clusters that require client certificates. None: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientConfig {
@@ -44,6 +47,7 @@ impl ClientConfig {
             backoff_max: Duration::from_millis(500),
             refresh_min: Duration::from_millis(200),
             api_key: None,
+            tls: None,
         }
     }
 

@@ -284,12 +284,22 @@ fn channel(
     if let Some(c) = channels.get(addr) {
         return Ok(c.clone());
     }
-    let endpoint = Endpoint::from_shared(topology::normalize_addr(addr))
+    let url = topology::normalize_addr(addr);
+    let url = match (&config.tls, url.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => url,
+    };
+    let mut endpoint = Endpoint::from_shared(url)
         .map_err(|e| Error::InvalidArgument(format!("address {addr:?}: {e}")))?
         .connect_timeout(config.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| Error::InvalidArgument(format!("TLS for {addr:?}: {e}")))?;
+    }
     let c = endpoint.connect_lazy();
     if channels.len() >= CHANNELS_MAX {
         channels.clear();

@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub dpop: DpopConfig,
     /// API keys and their roles, and the cluster key; authentication is off when empty.
     pub auth: crate::auth::AuthConfig,
+    /// TLS on the gRPC port and between nodes; plaintext when absent.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Where the Raft log (`wal/`) and the state machines (`sm/`) live.
     pub data_dir: PathBuf,
     /// Number of shards (Raft groups). Fixed for the life of the cluster's data.
@@ -199,6 +201,7 @@ impl Default for NodeConfig {
             http_listen: None,
             dpop: DpopConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
             data_dir: PathBuf::from("cascade-data"),
             shards: 64,
             region: "local".to_owned(),

@@ -11,5 +11,6 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod seams;
+pub mod tls;
 
 pub use node::run;

@@ -70,6 +70,14 @@ pub async fn run(
     if let Some(key) = &config.auth.cluster_key {
         peers.set_cluster_key(key).map_err(anyhow::Error::msg)?;
     }
+    let server_tls = match &config.tls {
+        Some(tls) => {
+            let (server, client) = crate::tls::load(tls)?;
+            peers.set_tls(client);
+            Some(server)
+        }
+        None => None,
+    };
     let host = Arc::new(RaftHost::open(host_config, seams.storage, peers, Some(observer)).await?);
     if let Some(on_host) = seams.on_host {
         on_host(host.clone());
@@ -140,7 +148,11 @@ pub async fn run(
     });
     let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    }
+    let served = builder
         .http2_keepalive_interval(Some(cascade_raft::network::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(cascade_raft::network::KEEPALIVE_TIMEOUT))
         .layer(MetricsLayer { metrics, api: Api::Grpc })

@@ -5,125 +5,13 @@
 
 mod support;
 
-use cascade_node::auth::{key_hash, ApiKeyConfig, AuthConfig, Role};
-use cascade_node::config::ClusterNode;
+use cascade_node::auth::key_hash;
 use cascade_protocol::pb;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
-use support::cluster::{Member, TestCluster};
 use support::http::{post_form, request};
+use support::roles::*;
 use support::*;
 use tonic::Code;
-
-const GATEWAY: &str = "ck_test_gateway_key";
-const IDP: &str = "ck_test_idp_key";
-const RESPONDER: &str = "ck_test_responder_key";
-const ADMIN: &str = "ck_test_admin_key";
-const CLUSTER_KEY: &str = "test-cluster-key-0123456789";
-
-fn auth_config() -> AuthConfig {
-    let key = |name: &str, key: &str, role: Role| ApiKeyConfig {
-        name: name.to_owned(),
-        sha256: key_hash(key),
-        roles: vec![role],
-    };
-    AuthConfig {
-        api_keys: vec![
-            key("gw", GATEWAY, Role::Gateway),
-            key("idp", IDP, Role::Idp),
-            key("resp", RESPONDER, Role::Responder),
-            key("ops", ADMIN, Role::Admin),
-        ],
-        cluster_key: Some(CLUSTER_KEY.to_owned()),
-        ..AuthConfig::default()
-    }
-}
-
-/// `message` with `authorization: Bearer <key>` when a key is given.
-fn keyed<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    if let Some(k) = key {
-        r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().expect("ascii key"));
-    }
-    r
-}
-
-/// Three nodes with auth on and HTTP, started and ready (polled with the admin key).
-async fn cluster() -> Vec<Member> {
-    cluster_with(|_| {}).await
-}
-
-async fn cluster_with(adjust: impl Fn(&mut AuthConfig)) -> Vec<Member> {
-    let mut members: Vec<Member> = (0..3).map(|i| TestCluster::member(i, 4)).collect();
-    let nodes: Vec<ClusterNode> = members
-        .iter()
-        .map(|m| ClusterNode { id: m.id, addr: m.addr.to_string(), region: m.region.clone() })
-        .collect();
-    for m in &mut members {
-        m.config.cluster.nodes = nodes.clone();
-        m.config.auth = auth_config();
-        adjust(&mut m.config.auth);
-        m.config.http_listen = Some(free_loopback_addr());
-    }
-    for m in &mut members {
-        m.start().await;
-    }
-    for m in &members {
-        let client = m.client().await;
-        poll_until("every shard led and fresh on every node", READY_DEADLINE, || {
-            let mut client = client.clone();
-            async move {
-                let s =
-                    client.node_status(keyed(pb::NodeStatusRequest {}, Some(ADMIN))).await.ok()?.into_inner();
-                s.shards.iter().all(|s| s.leader != 0 && s.fresh).then_some(())
-            }
-        })
-        .await;
-    }
-    members
-}
-
-/// Whether a call's result means the caller got past authentication.
-fn allowed<T: std::fmt::Debug>(r: &Result<T, tonic::Status>) -> bool {
-    !matches!(r, Err(s) if s.code() == Code::Unauthenticated || s.code() == Code::PermissionDenied)
-}
-
-/// Which of the four keys (gateway, idp, responder, admin) may make each call.
-async fn matrix(client: &Client, existing_user: &str) -> Vec<(&'static str, [bool; 4])> {
-    let keys = [GATEWAY, IDP, RESPONDER, ADMIN];
-    let mut rows = Vec::new();
-    macro_rules! row {
-        ($name:expr, |$c:ident, $k:ident| $call:expr) => {{
-            let mut cells = [false; 4];
-            for (i, key) in keys.iter().enumerate() {
-                let mut $c = client.clone();
-                let $k = Some(*key);
-                let r = $call.await;
-                cells[i] = allowed(&r);
-            }
-            rows.push(($name, cells));
-        }};
-    }
-    row!("CheckSession", |c, k| c.check_session(keyed(check_req(&unknown_session_id(0), "", 0), k)));
-    row!("WatchRevocations", |c, k| c.watch_revocations(keyed(pb::WatchRevocationsRequest::default(), k)));
-    row!("CreateSession", |c, k| c.create_session(keyed(create_req("acme", "matrix", "web"), k)));
-    row!("ListUserSessions", |c, k| c.list_user_sessions(keyed(
-        pb::ListUserSessionsRequest { tenant: "acme".into(), user_id: existing_user.into() },
-        k
-    )));
-    row!("RevokeSession", |c, k| c.revoke_session(keyed(
-        pb::RevokeSessionRequest { session_id: unknown_session_id(1), revocation: None },
-        k
-    )));
-    row!("RevokeUser", |c, k| c.revoke_user(keyed(
-        pb::RevokeUserRequest { tenant: "acme".into(), user_id: "nobody".into(), revocation: None },
-        k
-    )));
-    row!("QueryAudit", |c, k| c.query_audit(keyed(pb::QueryAuditRequest::default(), k)));
-    row!("TransferLeader", |c, k| c
-        .transfer_leader(keyed(pb::TransferLeaderRequest { shard: 999, to_node: 0 }, k)));
-    row!("NodeStatus", |c, k| c.node_status(keyed(pb::NodeStatusRequest {}, k)));
-    rows
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_are_enforced_over_grpc_and_http() {
@@ -144,18 +32,7 @@ async fn roles_are_enforced_over_grpc_and_http() {
     }
 
     let rows = matrix(&client, "u0-0").await;
-    let expected: Vec<(&str, [bool; 4])> = vec![
-        //                      gateway idp    responder admin
-        ("CheckSession", [true, true, true, false]),
-        ("WatchRevocations", [true, false, false, false]),
-        ("CreateSession", [false, true, false, false]),
-        ("ListUserSessions", [false, true, true, false]),
-        ("RevokeSession", [false, true, true, false]),
-        ("RevokeUser", [false, false, true, false]),
-        ("QueryAudit", [false, false, true, false]),
-        ("TransferLeader", [false, false, false, true]),
-        ("NodeStatus", [true, true, true, true]),
-    ];
+    let expected = expected_matrix();
     assert_eq!(rows, expected, "allowed per key (gateway, idp, responder, admin)");
 
     // No key, an unknown key: UNAUTHENTICATED. Health is open.
@@ -315,9 +192,9 @@ async fn roles_are_enforced_over_grpc_and_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_rate_and_watch_limits() {
-    let members = cluster_with(|a| {
-        a.requests_per_s_per_key = 20;
-        a.watch_streams_per_key_max = 2;
+    let members = cluster_with(|c| {
+        c.auth.requests_per_s_per_key = 20;
+        c.auth.watch_streams_per_key_max = 2;
     })
     .await;
     let client = members[0].client().await;

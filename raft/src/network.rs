@@ -49,6 +49,8 @@ pub enum PeerError {
     Cut { addr: String },
     #[error("bad peer address {addr}: {source}")]
     Address { addr: String, source: tonic::transport::Error },
+    #[error("TLS to peer {addr}: {source}")]
+    Tls { addr: String, source: tonic::transport::Error },
 }
 
 /// Metadata key of the cluster key nodes present to each other.
@@ -76,6 +78,8 @@ pub struct Peers {
     channels: Arc<Mutex<BTreeMap<String, PeerChannel>>>,
     /// Added to every request to a peer.
     auth: PeerAuth,
+    /// TLS to peers (verifying them against the cluster CA, presenting this node's certificate).
+    tls: Option<tonic::transport::ClientTlsConfig>,
     /// Addresses this node must not talk to: a test or drill hook that cuts links. Empty in
     /// normal operation.
     cut: Arc<RwLock<BTreeSet<String>>>,
@@ -105,6 +109,12 @@ impl Peers {
         Ok(())
     }
 
+    /// Talk to peers over TLS with `tls` (each peer's certificate is checked for the host of its
+    /// advertised address). Call before the first channel is made.
+    pub fn set_tls(&mut self, tls: tonic::transport::ClientTlsConfig) {
+        self.tls = Some(tls);
+    }
+
     /// Stop all traffic from this node to `addr` until [`Peers::heal`].
     pub fn cut(&self, addr: &str) {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned());
@@ -130,13 +140,21 @@ impl Peers {
             return Ok(c.clone());
         }
         let dial = self.routes.get(addr).map_or(addr, String::as_str);
-        let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{dial}"))
             .map_err(|source| PeerError::Address { addr: dial.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            // The certificate names the advertised address, whatever address is dialed.
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+            endpoint = endpoint
+                .tls_config(tls.clone().domain_name(host))
+                .map_err(|source| PeerError::Tls { addr: addr.to_owned(), source })?;
+        }
         let channel = match &self.dialer {
             Some(dial) => lazy_channel(endpoint, addr, Arc::clone(dial)),
             None => endpoint.connect_lazy(),

@@ -16,6 +16,26 @@ use tonic::{Code, Request, Response, Status};
 /// normally fires first and is reported the same way.
 const LOCAL_DEADLINE_GRACE: Duration = Duration::from_millis(250);
 
+/// TLS for every connection of this process (`--tls-ca`), set once at start.
+static TLS: std::sync::OnceLock<tonic::transport::ClientTlsConfig> = std::sync::OnceLock::new();
+
+/// Connect over TLS, checking servers against the CA in `ca` (PEM) and presenting the client
+/// certificate `identity` (PEM cert and key) if given.
+pub fn use_tls(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<()> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| Usage(format!("read {}: {e}", p.display())));
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+    }
+    let _ = TLS.set(tls);
+    Ok(())
+}
+
 /// `authorization: Bearer <key>` for every call of this process (`--api-key`), set once at start.
 static API_KEY: std::sync::OnceLock<tonic::metadata::AsciiMetadataValue> = std::sync::OnceLock::new();
 
@@ -35,10 +55,12 @@ pub struct Api {
     timeout: Duration,
 }
 
-/// `host:port` is accepted for `http://host:port`.
+/// `host:port` is accepted for `http://host:port` (`https://` with `--tls-ca`).
 pub fn normalize_addr(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_owned()
+    } else if TLS.get().is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
@@ -48,10 +70,13 @@ impl Api {
     /// Opens one HTTP/2 connection to `addr`, waiting at most `timeout` for it.
     pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Api> {
         let addr = normalize_addr(addr);
-        let endpoint = Endpoint::from_shared(addr.clone())
+        let mut endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| Usage(format!("--addr {addr:?} is not a valid URL: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = TLS.get() {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| Usage(format!("TLS: {}", chain(&e))))?;
+        }
         let channel =
             endpoint.connect().await.map_err(|e| Unreachable { addr: addr.clone(), detail: chain(&e) })?;
         Ok(Api { client: CascadeClient::new(channel), timeout })

@@ -40,6 +40,14 @@ pub struct Cli {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// CA certificate (PEM) to check the server against; connects over TLS (`https://`).
+    #[arg(long, global = true, env = "CASCADE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) to present, for nodes with `tls.require_client_cert`.
+    #[arg(long, global = true, env = "CASCADE_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "CASCADE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// API key presented on every call (`cascade auth new-key` makes one).
     #[arg(long, global = true, env = "CASCADE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -199,6 +207,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let timeout = Duration::from_millis(cli.timeout_ms);
     if let Some(key) = &cli.api_key {
         api::use_api_key(key)?;
+    }
+    if let Some(ca) = &cli.tls_ca {
+        api::use_tls(ca, cli.tls_cert.as_deref().zip(cli.tls_key.as_deref()))?;
     }
     let command = match cli.command {
         Command::Auth { what } => return auth_cmd::run(out, what),

@@ -10,6 +10,8 @@
 pub mod cluster;
 pub mod dpop;
 pub mod http;
+pub mod roles;
+pub mod tls;
 
 use cascade_node::config::NodeConfig;
 use cascade_node::seams::{Clock, Seams};
