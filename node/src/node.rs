@@ -141,10 +141,14 @@ pub async fn run(
         hub.close();
     }
     .shared();
+    let http_tls = match (&config.tls, &seams.http_listener) {
+        (Some(tls), Some(_)) => Some(crate::http::tls::acceptor(tls)?),
+        _ => None,
+    };
     let http = seams.http_listener.map(|listener| {
         let state = Arc::new(HttpState::new(ctx.clone(), metrics.clone(), config.dpop.clone(), auth.clone()));
-        tracing::info!(node = config.node_id, addr = ?listener.local_addr().ok(), "serving HTTP");
-        tokio::spawn(crate::http::serve(listener, state, shutdown.clone()))
+        tracing::info!(node = config.node_id, addr = ?listener.local_addr().ok(), tls = http_tls.is_some(), "serving HTTP");
+        tokio::spawn(crate::http::serve(listener, http_tls, state, shutdown.clone()))
     });
     let local = seams.listener.local_addr();
     tracing::info!(node = config.node_id, addr = ?local, shards = config.shards, "serving");

@@ -45,6 +45,22 @@ async fn roles_over_tls_and_mutual_tls_between_nodes() {
     let other = Pki::new();
     assert!(try_connect(members[0].addr, client_tls(&other.ca, None)).await.is_err());
 
+    // The HTTP port serves HTTPS with the same certificate; plaintext HTTP gets nothing.
+    let http = members[0].config.http_listen.expect("HTTP address");
+    let answer = support::tls::https_exchange(
+        http,
+        &pki.ca,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("HTTPS /healthz");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let plain = support::http::try_request(http, "GET", "/healthz", &[], "").await;
+    assert!(
+        plain.is_err() || plain.as_ref().is_ok_and(|a| a.status != 200),
+        "plaintext HTTP on the TLS port: {plain:?}"
+    );
+
     // The SDK over TLS.
     let mut config = cascade_client::ClientConfig::new(members.iter().map(|m| m.addr.to_string()));
     config.api_key = Some(GATEWAY.to_owned());

@@ -13,6 +13,7 @@
 
 pub mod forward_auth;
 pub mod oauth;
+pub mod tls;
 
 use crate::api::cascade::CascadeService;
 use crate::api::ctx::NodeCtx;
@@ -106,13 +107,21 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serve HTTP on `listener` until `shutdown` resolves, then finish the requests in flight.
+/// Serve HTTP (HTTPS with `tls`) on `listener` until `shutdown` resolves, then finish the
+/// requests in flight.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<HttpState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    match tls {
+        None => axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await,
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor)?;
+            axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+        }
+    }
 }
 
 /// `/readyz`: 200 when every shard this node holds a replica of can answer checks here within
