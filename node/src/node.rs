@@ -178,6 +178,7 @@ pub async fn run(
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
             Err(_) => {
                 http.abort();
+                let _ = http.await;
                 tracing::warn!("HTTP connections still open after {HTTP_DRAIN_TIMEOUT:?}; closed");
             }
         }

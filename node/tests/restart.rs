@@ -207,13 +207,15 @@ async fn write_round(client: &mut Client, round: &str, ledger: &mut Ledger) {
 /// Every session in the ledger answers as expected, and every family is at its last generation.
 async fn verify(client: &mut Client, ledger: &Ledger, after: &str) {
     for chunk in ledger.sessions.chunks(100) {
-        let checks = chunk.iter().map(|e| check_req(&e.session_id, &e.jkt, 0)).collect();
-        let results = client
-            .check_session_batch(pb::CheckSessionBatchRequest { checks })
-            .await
-            .unwrap_or_else(|s| panic!("{after}: batch check: {s:?}"))
-            .into_inner()
-            .results;
+        let checks: Vec<_> = chunk.iter().map(|e| check_req(&e.session_id, &e.jkt, 0)).collect();
+        let results = retry_unavailable(|| {
+            let (mut client, checks) = (client.clone(), checks.clone());
+            async move { client.check_session_batch(pb::CheckSessionBatchRequest { checks }).await }
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{after}: batch check: {s:?}"))
+        .into_inner()
+        .results;
         assert_eq!(results.len(), chunk.len(), "{after}");
         for (expected, resp) in chunk.iter().zip(&results) {
             assert_eq!(resp.status(), expected.status, "{after}: {expected:?} answered {resp:?}");
@@ -226,14 +228,15 @@ async fn verify(client: &mut Client, ledger: &Ledger, after: &str) {
         }
     }
     for family in &ledger.families {
-        let list = client
-            .list_user_sessions(pb::ListUserSessionsRequest {
-                tenant: TENANT.into(),
-                user_id: family.user_id.clone(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("{after}: list {}: {s:?}", family.user_id))
-            .into_inner();
+        let list = retry_unavailable(|| {
+            let mut client = client.clone();
+            let request =
+                pb::ListUserSessionsRequest { tenant: TENANT.into(), user_id: family.user_id.clone() };
+            async move { client.list_user_sessions(request).await }
+        })
+        .await
+        .unwrap_or_else(|s| panic!("{after}: list {}: {s:?}", family.user_id))
+        .into_inner();
         let listed =
             list.sessions.iter().find(|s| s.session_id == family.session_id).expect("family session listed");
         assert_eq!(
@@ -397,19 +400,21 @@ async fn kill_9_under_concurrent_writes_loses_no_acknowledged_create() {
     assert!(acked.len() >= 1000);
 
     let mut server = ServerProcess::spawn(addr, &data_dir, &log);
-    let mut client = server.client().await;
+    let client = server.client().await;
     // Each writer has at most 50 users and the default limit is 100 sessions per user, so no
     // acknowledged session was evicted as long as no user got more than 100 sessions.
     let per_user_max = acked.len() / 4 / 50 + 1;
     assert!(per_user_max <= 100, "test sizing: {} creates would trigger evictions", acked.len());
     for chunk in acked.chunks(256) {
-        let checks = chunk.iter().map(|sid| check_req(sid, "", 0)).collect();
-        let results = client
-            .check_session_batch(pb::CheckSessionBatchRequest { checks })
-            .await
-            .expect("batch check after restart")
-            .into_inner()
-            .results;
+        let checks: Vec<_> = chunk.iter().map(|sid| check_req(sid, "", 0)).collect();
+        let results = retry_unavailable(|| {
+            let (mut client, checks) = (client.clone(), checks.clone());
+            async move { client.check_session_batch(pb::CheckSessionBatchRequest { checks }).await }
+        })
+        .await
+        .expect("batch check after restart")
+        .into_inner()
+        .results;
         for (sid, resp) in chunk.iter().zip(&results) {
             assert_eq!(resp.status(), pb::CheckStatus::Valid, "acknowledged {sid} after kill -9: {resp:?}");
         }

@@ -298,10 +298,16 @@ impl RaftHost {
         self.wal.syncs()
     }
 
-    /// Stop every shard, then the WAL writer.
+    /// Stop the background tasks (waiting until each is gone, so nothing they hold outlives
+    /// this call), every shard, then the WAL writer.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
-        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for task in &tasks {
             task.abort();
+        }
+        for task in tasks {
+            // An aborted task is dropped at its next poll; awaiting it waits for that.
+            let _ = task.await;
         }
         for (shard, raft) in self.shards.all() {
             raft.shutdown().await.map_err(|e| anyhow::anyhow!("shutdown shard {shard}: {e}"))?;

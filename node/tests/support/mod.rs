@@ -76,6 +76,25 @@ where
     }
 }
 
+/// Call `rpc` until it returns something other than UNAVAILABLE (the answer of a replica that
+/// cannot prove freshness, e.g. while a starved machine delays its proofs), at most until
+/// `STATE_DEADLINE`; other errors and the last UNAVAILABLE are returned as they are.
+pub async fn retry_unavailable<T, F, Fut>(mut rpc: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let start = Instant::now();
+    loop {
+        match rpc().await {
+            Err(s) if s.code() == Code::Unavailable && start.elapsed() < STATE_DEADLINE => {
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Return once this machine's clock reads later than `ms`, so the next write is stamped strictly
 /// after a previous one (order by creation time is then unambiguous). Bounded by a deadline.
 pub async fn after_ms(ms: u64) {
@@ -176,6 +195,8 @@ pub struct InProcessNode {
     pub config: NodeConfig,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// How `run` failed, if it returned an error (kept so a test waiting on the node can say why).
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl InProcessNode {
@@ -201,21 +222,41 @@ impl InProcessNode {
         }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let run_config = config.clone();
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let failed_in_task = failed.clone();
         let task = tokio::spawn(async move {
-            cascade_node::run(run_config, seams, async move {
+            let result = cascade_node::run(run_config, seams, async move {
                 // A dropped sender also means "stop".
                 let _ = rx.await;
             })
-            .await
+            .await;
+            if let Err(e) = &result {
+                *failed_in_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+            }
+            result
         });
-        InProcessNode { addr, config, shutdown: Some(tx), task: Some(task) }
+        InProcessNode { addr, config, shutdown: Some(tx), task: Some(task), failed }
     }
 
-    /// A client connected to this node, returned once every shard has a leader.
+    /// A client connected to this node, returned once every shard has a leader. Panics with the
+    /// node's error if it stops first.
     pub async fn client(&self) -> Client {
-        let mut client = connect(self.addr).await;
-        wait_ready(&mut client, self.config.shards).await;
-        client
+        let ready = async {
+            let mut client = connect(self.addr).await;
+            wait_ready(&mut client, self.config.shards).await;
+            client
+        };
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                client = &mut ready => return client,
+                () = tokio::time::sleep(POLL_INTERVAL) => {
+                    if let Some(error) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        panic!("node at {} stopped before it served: {error}", self.addr);
+                    }
+                }
+            }
+        }
     }
 
     /// Graceful shutdown: signal it and wait, within a deadline, for `run` to return `Ok`.
