@@ -18,8 +18,50 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 struct Node {
+    config: NodeConfig,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    /// Runs a node with `config` on `listener`, on a thread of its own with its own runtime.
+    fn spawn(config: NodeConfig, listener: std::net::TcpListener) -> anyhow::Result<Node> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let run_config = config.clone();
+        let thread =
+            std::thread::Builder::new().name(format!("node-{}", config.node_id)).spawn(move || {
+                let rt =
+                    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let seams = Seams::production(listener, &run_config.data_dir.clone(), run_config.node_id);
+                    cascade_node::run(run_config, seams, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                })
+            })?;
+        Ok(Node { config, shutdown: Some(tx), thread: Some(thread) })
+    }
+
+    /// Signals the node to stop and waits (bounded) for its thread.
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let Some(thread) = self.thread.take() else { return };
+        let deadline = Instant::now() + STOP_DEADLINE;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if thread.is_finished() {
+            if let Ok(Err(e)) = thread.join() {
+                eprintln!("node {} stopped with an error: {e:#}", self.config.node_id);
+            }
+        } else {
+            eprintln!("node {} did not stop within {STOP_DEADLINE:?}; leaving it", self.config.node_id);
+        }
+    }
 }
 
 pub struct BenchCluster {
@@ -62,20 +104,7 @@ impl BenchCluster {
                 ..NodeConfig::default()
             };
             config.cluster.nodes = members.clone();
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let thread = std::thread::Builder::new().name(format!("node-{}", i + 1)).spawn(move || {
-                let rt =
-                    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    let seams = Seams::production(listener, &config.data_dir.clone(), config.node_id);
-                    cascade_node::run(config, seams, async move {
-                        let _ = rx.await;
-                    })
-                    .await
-                })
-            })?;
-            nodes.push(Node { shutdown: Some(tx), thread: Some(thread) });
+            nodes.push(Node::spawn(config, listener)?);
             dirs.push(dir);
         }
         let cluster = BenchCluster { addrs, n_shards, nodes, _dirs: dirs };
@@ -86,6 +115,67 @@ impl BenchCluster {
     /// A client of node `i` (one HTTP/2 connection).
     pub async fn client(&self, i: usize) -> anyhow::Result<CascadeClient<Channel>> {
         connect(self.addrs[i]).await
+    }
+
+    /// Stops node `i` gracefully and starts it again on its data dir; returns how long after
+    /// the start it answered VALID, itself, to checks of `ids` (valid sessions, spread over the
+    /// shards).
+    pub async fn restart(&mut self, i: usize, ids: &[String]) -> anyhow::Result<Duration> {
+        let node = &mut self.nodes[i];
+        tokio::task::block_in_place(|| node.stop());
+        let addr = self.addrs[i];
+        let bound = Instant::now();
+        let listener = loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if bound.elapsed() < READY_DEADLINE => {
+                    eprintln!("  rebinding {addr}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("rebind {addr}")),
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let started = Instant::now();
+        *node = Node::spawn(node.config.clone(), listener)?;
+        let checks: Vec<pb::CheckSessionRequest> = ids
+            .iter()
+            .map(|id| pb::CheckSessionRequest { session_id: id.clone(), ..Default::default() })
+            .collect();
+        loop {
+            anyhow::ensure!(
+                started.elapsed() < READY_DEADLINE,
+                "node {} not serving after {READY_DEADLINE:?}",
+                i + 1
+            );
+            if let Ok(mut c) = connect(addr).await {
+                if let Ok(r) =
+                    c.check_session_batch(pb::CheckSessionBatchRequest { checks: checks.clone() }).await
+                {
+                    if r.get_ref().results.iter().all(|r| r.status() == pb::CheckStatus::Valid) {
+                        return Ok(started.elapsed());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Bytes of every file under the nodes' data dirs.
+    pub fn data_bytes(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    // Allocated blocks: what the files take on disk.
+                    Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        self._dirs.iter().map(|d| walk(d.path())).sum()
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -129,24 +219,14 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<CascadeClient<Channel>>
 
 impl Drop for BenchCluster {
     fn drop(&mut self) {
+        // Signal every node first, so they stop together.
         for node in &mut self.nodes {
             if let Some(tx) = node.shutdown.take() {
                 let _ = tx.send(());
             }
         }
-        let deadline = Instant::now() + STOP_DEADLINE;
         for node in &mut self.nodes {
-            let Some(thread) = node.thread.take() else { continue };
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if thread.is_finished() {
-                if let Ok(Err(e)) = thread.join() {
-                    eprintln!("a node stopped with an error: {e:#}");
-                }
-            } else {
-                eprintln!("a node did not stop within {STOP_DEADLINE:?}; leaving it");
-            }
+            node.stop();
         }
     }
 }

@@ -3,13 +3,17 @@
 //! percentiles and writes the results as JSON with a description of the machine.
 //!
 //! ```sh
+//! cargo run --release -p benches -- all --quick        # Cascade vs Redis and etcd, about 2 minutes
+//! cargo run --release -p benches -- all                # the reference run (1,000,000 sessions)
 //! cargo run --release -p benches -- incident            # all incident-response scenarios
 //! cargo run --release -p benches -- incident --quick    # smaller sizes, about a minute
 //! cargo run --release -p benches -- mass-revoke --sessions 1000000
 //! ```
 
 mod cluster;
+mod compare;
 mod load;
+mod peers;
 mod scenarios;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +59,19 @@ enum Scenario {
     },
     /// mass-revoke, list-job and watch-fanout with their default sizes, one cluster each.
     Incident,
+    /// Every scenario beside Redis (denylist) and etcd, started by `benches/peers.sh`, in one
+    /// run: check, check-batch, check-local, revoke, propagation, mass-revoke, footprint.
+    All {
+        /// Cascade alone (no Redis, no etcd; the ratios are then not available).
+        #[arg(long)]
+        no_peers: bool,
+        /// Sessions to load (default 1,000,000; 20,000 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1_000..=10_000_000))]
+        sessions: Option<u64>,
+        /// Measured seconds per load step (default 10; 3 with --quick).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
+        step_s: Option<u64>,
+    },
 }
 
 fn machine() -> serde_json::Value {
@@ -84,6 +101,21 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("warning: a debug build; run with --release for numbers worth quoting");
     }
     let q = |full: u64, quick: u64| if args.quick { quick } else { full };
+    if let Scenario::All { no_peers, sessions, step_s } = args.scenario {
+        let mut sizes = if args.quick { compare::Sizes::quick() } else { compare::Sizes::full() };
+        if let Some(s) = sessions {
+            sizes.sessions = s;
+        }
+        if let Some(s) = step_s {
+            sizes.step = std::time::Duration::from_secs(s);
+        }
+        let peers = if no_peers { None } else { Some(peers::Peers::start()?) };
+        let mut cluster = cluster::BenchCluster::start(3, args.shards).await?;
+        let result = compare::all(&mut cluster, peers.as_ref(), &sizes).await?;
+        drop(cluster);
+        drop(peers);
+        return write_json(&args.json, args.shards, vec![result]);
+    }
     let runs: Vec<Scenario> = match args.scenario {
         Scenario::Incident => vec![
             Scenario::MassRevoke { sessions: q(1_000_000, 50_000), sample: 200 },
@@ -103,16 +135,20 @@ async fn main() -> anyhow::Result<()> {
             Scenario::WatchFanout { subscribers, samples } => {
                 scenarios::watch_fanout(&cluster, subscribers as usize, samples as usize).await?
             }
-            Scenario::Incident => unreachable!("expanded above"),
+            Scenario::Incident | Scenario::All { .. } => unreachable!("expanded above"),
         };
         results.push(result);
         drop(cluster);
     }
-    let out = serde_json::json!({ "machine": machine(), "shards": args.shards, "results": results });
-    if let Some(dir) = args.json.parent() {
+    write_json(&args.json, args.shards, results)
+}
+
+fn write_json(path: &std::path::Path, shards: u16, results: Vec<serde_json::Value>) -> anyhow::Result<()> {
+    let out = serde_json::json!({ "machine": machine(), "shards": shards, "results": results });
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;
-    println!("\nresults written to {}", args.json.display());
+    std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    println!("\nresults written to {}", path.display());
     Ok(())
 }

@@ -29,7 +29,7 @@ const CHUNKS_AHEAD: usize = 8;
 const CONNECTIONS_PER_NODE: usize = 4;
 
 /// One client per node (node order), for checks and single calls.
-async fn clients(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
+pub(crate) async fn clients(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
     let mut out = Vec::new();
     for i in 0..cluster.addrs.len() {
         out.push(cluster.client(i).await?);
@@ -38,7 +38,7 @@ async fn clients(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Cha
 }
 
 /// `CONNECTIONS_PER_NODE` clients per node, for loading.
-async fn loaders(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
+pub(crate) async fn loaders(cluster: &BenchCluster) -> anyhow::Result<Vec<CascadeClient<Channel>>> {
     let mut out = Vec::new();
     for _ in 0..CONNECTIONS_PER_NODE {
         out.extend(clients(cluster).await?);
@@ -61,21 +61,21 @@ async fn check_all(client: &CascadeClient<Channel>, ids: &[String]) -> anyhow::R
 }
 
 /// What polling the replicas after a revocation found.
-struct Rejections {
+pub(crate) struct Rejections {
     /// Per (id, node): from the ack to the arrival of the first answer that said REVOKED (an
     /// upper bound: the answer may have turned up to one poll round earlier).
-    every: hdrhistogram::Histogram<u64>,
+    pub every: hdrhistogram::Histogram<u64>,
     /// Per id: the same, for the last node to say so.
-    last: hdrhistogram::Histogram<u64>,
+    pub last: hdrhistogram::Histogram<u64>,
     /// VALID answers to checks sent after ack + bound (P2 violations).
-    late_valid: u64,
+    pub late_valid: u64,
     /// Longest poll round (the resolution of the numbers above).
-    round_max: std::time::Duration,
+    pub round_max: std::time::Duration,
 }
 
 /// Polls every node, all of `ids` at once in concurrent batches of 256 per round, until each
 /// node answers REVOKED for every id.
-async fn until_revoked_everywhere(
+pub(crate) async fn until_revoked_everywhere(
     clients: &[CascadeClient<Channel>],
     ids: &[String],
     acked: Instant,
@@ -152,7 +152,6 @@ pub async fn mass_revoke(
     sessions: u64,
     sample: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let clients = clients(cluster).await?;
     let per_user = 4;
     eprintln!("mass-revoke: loading {sessions} sessions into tenant \"mass\"");
     let loaded = Instant::now();
@@ -170,16 +169,31 @@ pub async fn mass_revoke(
     .map(|(_, id)| id)
     .collect();
     let load_s = loaded.elapsed().as_secs_f64();
+    let mut result = revoke_tenant(cluster, "mass", &ids, sessions).await?;
+    result["load_seconds"] = json!(load_s);
+    Ok(result)
+}
+
+/// Tenant `tenant`, holding at least `sessions` sessions, revoked by one `StartRevokeJob` (a
+/// watermark: one command per shard); `ids` (valid sessions of it) polled on every node until
+/// each answers REVOKED.
+pub async fn revoke_tenant(
+    cluster: &BenchCluster,
+    tenant: &str,
+    ids: &[String],
+    sessions: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let clients = clients(cluster).await?;
     tokio::time::sleep(PAST_BOUND).await;
     for c in &clients {
-        let statuses = check_all(c, &ids).await?;
+        let statuses = check_all(c, ids).await?;
         anyhow::ensure!(
             statuses.iter().all(|s| *s == pb::CheckStatus::Valid),
             "a sampled session is not valid before"
         );
     }
     let started = Instant::now();
-    let selector = pb::SessionSelector { tenant: "mass".into(), ..Default::default() };
+    let selector = pb::SessionSelector { tenant: tenant.into(), ..Default::default() };
     let req = pb::StartRevokeJobRequest {
         selector: Some(selector),
         revocation: revocation("benches: mass-revoke"),
@@ -189,7 +203,7 @@ pub async fn mass_revoke(
     let job = clients[0].clone().start_revoke_job(req).await?.into_inner();
     let acked = Instant::now();
     let ack = acked.duration_since(started);
-    let r = until_revoked_everywhere(&clients, &ids, acked, BOUND).await?;
+    let r = until_revoked_everywhere(&clients, ids, acked, BOUND).await?;
     let info = wait_job_done(&clients[0], &job.job_id).await?;
     let counted = acked.elapsed();
     // A create retried after an unknown outcome may have made one more session: at least
@@ -214,7 +228,6 @@ pub async fn mass_revoke(
         "sessions": sessions,
         "sessions_counted": info.sessions,
         "sampled": ids.len(),
-        "load_seconds": load_s,
         "ack_ms": ack.as_secs_f64() * 1e3,
         "job_counted_ms": counted.as_secs_f64() * 1e3,
         "reject_per_replica": every_json,
@@ -357,9 +370,22 @@ pub async fn watch_fanout(
         }));
     }
     let subscribed = Instant::now();
-    let _all = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(subscribers as u32))
-        .await
-        .map_err(|_| anyhow::anyhow!("not every subscriber had its snapshot after {SHOW_DEADLINE:?}"))??;
+    let Ok(all) = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(subscribers as u32)).await else {
+        let ended = tasks.iter().filter(|t| t.is_finished()).count();
+        let mut first = String::new();
+        for t in tasks.into_iter().filter(|t| t.is_finished()) {
+            if let Ok(Err(e)) = t.await {
+                first = format!("{e:#}");
+                break;
+            }
+        }
+        anyhow::bail!(
+            "{} of {subscribers} subscribers had no snapshot after {SHOW_DEADLINE:?}; {ended} streams ended{}",
+            subscribers - ready.available_permits(),
+            if first.is_empty() { String::new() } else { format!(", the first with: {first}") }
+        );
+    };
+    let _all = all?;
     eprintln!(
         "watch-fanout: {subscribers} subscribers streaming after {} ms",
         subscribed.elapsed().as_millis()

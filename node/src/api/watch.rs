@@ -45,12 +45,19 @@ pub const WATCH_EVENTS_PER_MESSAGE: usize = 256;
 const RELAY_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a subscriber's queue may stay full before it is cut off.
 pub const WATCH_SLOW_CUTOFF: Duration = Duration::from_secs(2);
-/// Users read per storage page while streaming a snapshot.
+/// Users read per storage page while taking a snapshot (the task yields between pages).
 const SNAPSHOT_USERS_PAGE: usize = 256;
+/// How long a shard's snapshot is handed to subscribers that start after it was taken. A
+/// snapshot reads every user of the shard; a fleet of gateways (re)connecting at once shares one
+/// read per shard instead of one each. At most one snapshot per shard is kept.
+pub const SNAPSHOT_SHARE: Duration = Duration::from_millis(250);
 
 /// What the watch streams of a node share: a wake-up when events apply, the subscriber count,
 /// and the signal that the node is shutting down.
 pub struct WatchHub {
+    /// The latest snapshot of each shard; its lock also makes subscribers that start together
+    /// wait for one read instead of each taking their own.
+    snapshots: std::sync::Mutex<BTreeMap<ShardId, SnapshotSlot>>,
     applied: Notify,
     subscribers: AtomicUsize,
     closing: tokio::sync::watch::Sender<bool>,
@@ -69,6 +76,7 @@ impl WatchHub {
     /// A hub allowing each authenticated caller `per_caller_max` streams.
     pub fn with_caller_max(per_caller_max: usize) -> WatchHub {
         WatchHub {
+            snapshots: std::sync::Mutex::default(),
             applied: Notify::new(),
             subscribers: AtomicUsize::new(0),
             closing: tokio::sync::watch::Sender::new(false),
@@ -109,6 +117,11 @@ impl WatchHub {
         }
         *n += 1;
         Ok(CallerSlot { hub: hub.clone(), name: name.to_owned() })
+    }
+
+    fn snapshot_slot(&self, shard: ShardId) -> SnapshotSlot {
+        let mut slots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(shard).or_default().clone()
     }
 
     pub fn subscribers(&self) -> usize {
@@ -423,9 +436,56 @@ async fn drain(ctx: &NodeCtx, shard: ShardId, cursor: &mut u64, tx: &Tx) -> Resu
     Ok(())
 }
 
+/// Where a shard's latest snapshot is kept.
+type SnapshotSlot = Arc<tokio::sync::Mutex<Option<Arc<ShardSnapshot>>>>;
+
+/// A shard's watermarks and revoked, unexpired sessions as of log index `index`.
+struct ShardSnapshot {
+    index: u64,
+    /// Read before the index: the staleness sent with the snapshot ages from here.
+    vouch: Vouch,
+    events: Vec<pb::RevocationEvent>,
+}
+
 /// Streams the snapshot of `shard`; returns the cursor the events continue from.
 async fn snapshot(ctx: &NodeCtx, shard: ShardId, tx: &Tx) -> Result<u64, Stop> {
+    let snapshot = shared_snapshot(ctx, shard).await?;
+    let mut chunks = snapshot.events.chunks(WATCH_EVENTS_PER_MESSAGE).peekable();
+    while let Some(chunk) = chunks.next() {
+        if chunks.peek().is_some() {
+            send(tx, message(ctx, chunk.to_vec(), Vec::new(), Vec::new())).await?;
+        } else {
+            snapshot_end(ctx, shard, &snapshot, chunk.to_vec(), tx).await?;
+            return Ok(snapshot.index);
+        }
+    }
+    snapshot_end(ctx, shard, &snapshot, Vec::new(), tx).await?;
+    Ok(snapshot.index)
+}
+
+/// The snapshot's last message: its last events, the cursor, and "snapshot done".
+async fn snapshot_end(
+    ctx: &NodeCtx,
+    shard: ShardId,
+    snapshot: &ShardSnapshot,
+    events: Vec<pb::RevocationEvent>,
+    tx: &Tx,
+) -> Result<(), Stop> {
+    let progress = vec![progress(ctx, shard, snapshot.index, &snapshot.vouch)];
+    send(tx, message(ctx, events, progress, vec![u32::from(shard)])).await
+}
+
+/// The shard's latest snapshot if it is younger than [`SNAPSHOT_SHARE`] and the events after
+/// it are still kept; otherwise a new one (subscribers asking meanwhile wait for it).
+async fn shared_snapshot(ctx: &NodeCtx, shard: ShardId) -> Result<Arc<ShardSnapshot>, Stop> {
+    let slot = ctx.watch.snapshot_slot(shard);
+    let mut latest = slot.lock().await;
     let reader = reader(ctx, shard)?;
+    if let Some(s) = latest.as_ref() {
+        if s.vouch.read_at.elapsed() < SNAPSHOT_SHARE && s.index >= reader.events_after() {
+            return Ok(s.clone());
+        }
+    }
     let vouch = vouch(ctx, shard);
     let index = reader.applied_index();
     let now_ms = ctx.clock.now_ms();
@@ -440,14 +500,12 @@ async fn snapshot(ctx: &NodeCtx, shard: ShardId, tx: &Tx) -> Result<u64, Stop> {
         for user in &page {
             user_revocations(shard, user, now_ms, &mut events);
         }
-        while events.len() >= WATCH_EVENTS_PER_MESSAGE {
-            let rest = events.split_off(WATCH_EVENTS_PER_MESSAGE);
-            send(tx, message(ctx, std::mem::replace(&mut events, rest), Vec::new(), Vec::new())).await?;
-        }
+        // Reading a large shard must not hold a runtime thread for long.
+        tokio::task::yield_now().await;
     }
-    let done = vec![u32::from(shard)];
-    send(tx, message(ctx, events, vec![progress(ctx, shard, index, &vouch)], done)).await?;
-    Ok(index)
+    let snapshot = Arc::new(ShardSnapshot { index, vouch, events });
+    *latest = Some(snapshot.clone());
+    Ok(snapshot)
 }
 
 fn message(
