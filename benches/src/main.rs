@@ -111,7 +111,13 @@ async fn main() -> anyhow::Result<()> {
         }
         let peers = if no_peers { None } else { Some(peers::Peers::start()?) };
         let mut cluster = cluster::BenchCluster::start(3, args.shards).await?;
-        let result = compare::all(&mut cluster, peers.as_ref(), &sizes).await?;
+        // Interrupted, the cluster and the peers are still stopped (by their drops).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let result = tokio::select! {
+            result = compare::all(&mut cluster, peers.as_ref(), &sizes) => result?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; peers and cluster stopped"),
+            _ = term.recv() => anyhow::bail!("terminated; peers and cluster stopped"),
+        };
         drop(cluster);
         drop(peers);
         return write_json(&args.json, args.shards, vec![result]);

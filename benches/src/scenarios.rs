@@ -209,7 +209,7 @@ pub async fn revoke_tenant(
     // A create retried after an unknown outcome may have made one more session: at least
     // `sessions` are there, and the job counts every one.
     anyhow::ensure!(info.sessions >= sessions, "the job counted {} sessions of {sessions}", info.sessions);
-    println!("\n### mass-revoke: watermark over {sessions} sessions, {} nodes\n", clients.len());
+    println!("\n### mass-revoke: watermark over {} sessions, {} nodes\n", info.sessions, clients.len());
     println!(
         "StartRevokeJob acknowledged in {:.2} ms; job counted {} sessions {:.0} ms after the ack. \
          Poll rounds took up to {:.1} ms (the resolution); VALID answers to checks sent past the \

@@ -243,3 +243,44 @@ async fn watch_from_a_node_without_a_replica_relays_the_missing_shards() {
     })
     .await;
 }
+
+/// Subscribers that start within a moment of each other share one snapshot per shard. One that
+/// gets a snapshot taken before a revocation must still receive that revocation (as an event
+/// after the snapshot's cursor), exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_snapshot_is_followed_by_what_applied_after_it() {
+    let node = TestNode::start_with(|c| c.shards = N_SHARDS).await;
+    let client = node.client.clone();
+    let tenant = "acme";
+    let mut pending = Vec::new();
+    for shard in 0..N_SHARDS {
+        let user = user_on_shard(tenant, "shared", shard, N_SHARDS);
+        pending.push(create(&mut client.clone(), create_req(tenant, &user, "web")).await.session_id);
+    }
+    // The first subscriber's snapshots (none of the sessions is revoked yet).
+    let mut first = watch(&client, Vec::new()).await;
+    let mut seen_first = Seen::default();
+    read_until(&mut first, &mut seen_first, "the first snapshot", |s| {
+        s.snapshot_done.len() == N_SHARDS as usize
+    })
+    .await;
+    // Revocations on every shard, then a second subscriber at once (within the sharing window,
+    // unless this machine is very slow; either way it must see each revocation once).
+    for sid in &pending {
+        revoke(&client, sid).await;
+    }
+    let mut second = watch(&client, Vec::new()).await;
+    let mut seen_second = Seen::default();
+    read_until(&mut second, &mut seen_second, "every revocation on the second stream", |s| {
+        pending.iter().all(|sid| s.sessions.contains_key(sid))
+    })
+    .await;
+    let from_events = pending.iter().filter(|sid| seen_second.sessions[*sid] > 0).count();
+    println!("{from_events} of {} revocations came as events after a shared snapshot", pending.len());
+    // The first stream gets them too, as events.
+    read_until(&mut first, &mut seen_first, "every revocation on the first stream", |s| {
+        pending.iter().all(|sid| s.sessions.contains_key(sid))
+    })
+    .await;
+    assert!(pending.iter().all(|sid| seen_first.sessions[sid] > 0), "the first stream had them as events");
+}

@@ -95,6 +95,15 @@ pub struct HostConfig {
 
 /// Heartbeat period for replicas on one site or close regions.
 pub const HEARTBEAT_MS_DEFAULT: u64 = 100;
+
+/// Snapshot bytes one log entry may cost. A shard is snapshotted once the entries since its last
+/// snapshot reach `max(snapshot_every_n_logs, last snapshot's bytes / SNAPSHOT_BYTES_PER_ENTRY)`:
+/// a snapshot rewrites the whole shard, so a fixed interval makes the bytes written grow with
+/// writes × state (measured: 19 GB written while loading 280,000 sessions with every 5,000
+/// entries); this keeps them proportional to the writes.
+pub const SNAPSHOT_BYTES_PER_ENTRY: u64 = 256;
+/// How often the snapshot policy looks at the shards.
+const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
 /// Shortest election timeout by default (3 heartbeats).
 pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 300;
 
@@ -129,7 +138,8 @@ impl HostConfig {
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_min_ms * 2,
             install_snapshot_timeout: 2_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_n_logs),
+            // `snapshots` below decides (openraft's policy knows only a fixed interval).
+            snapshot_policy: SnapshotPolicy::Never,
             // Keep a tail behind each snapshot so a briefly lagging follower catches up from
             // the log instead of a full snapshot.
             max_in_snapshot_log_to_keep: self.snapshot_every_n_logs / 4,
@@ -259,6 +269,7 @@ impl RaftHost {
             Duration::from_millis(config.heartbeat_ms),
             Duration::from_millis(raft_config.election_timeout_max),
         )));
+        tasks.push(tokio::spawn(snapshots(shards.clone(), readers.clone(), config.snapshot_every_n_logs)));
         tasks.push(tokio::spawn(freshness::drive(
             shards.clone(),
             peers.clone(),
@@ -314,6 +325,29 @@ impl RaftHost {
         }
         self.wal.shutdown().await.context("shutdown wal")?;
         Ok(())
+    }
+}
+
+/// Triggers a shard's snapshot once the entries applied since its last one reach
+/// `max(every_n_logs, snapshot bytes / SNAPSHOT_BYTES_PER_ENTRY)` (see [`SNAPSHOT_BYTES_PER_ENTRY`]).
+/// A trigger while one is being built is ignored by openraft.
+async fn snapshots(shards: ShardTable, readers: Vec<ShardReader>, every_n_logs: u64) {
+    let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (shard, raft) in shards.all() {
+            let (applied, snapshot) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                (m.last_applied.map_or(0, |l| l.index), m.snapshot.map_or(0, |l| l.index))
+            };
+            let bytes = readers.get(usize::from(shard)).map_or(0, ShardReader::snapshot_bytes);
+            if applied.saturating_sub(snapshot) >= every_n_logs.max(bytes / SNAPSHOT_BYTES_PER_ENTRY) {
+                // Err only when the shard is shutting down; the next tick sees it gone.
+                let _ = raft.trigger().snapshot().await;
+            }
+        }
     }
 }
 

@@ -104,6 +104,9 @@ struct Shared {
     meta: RwLock<Arc<ShardMeta>>,
     applied_index: AtomicU64,
     events_after: AtomicU64,
+    /// Size of the last snapshot this replica built or installed (0 until one is, after a
+    /// restart too: reading the stored one to learn its size would cost a restart that much).
+    snapshot_bytes: AtomicU64,
 }
 
 fn job_key(id: JobId) -> Vec<u8> {
@@ -190,6 +193,11 @@ impl ShardReader {
             None => Ok(None),
             Some(bytes) => codec::decode(&bytes).map(Some).map_err(io::Error::other),
         }
+    }
+
+    /// Bytes of the last snapshot this replica built or installed since it started (0: none).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.shared.snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// Every event with a log index above this is kept here (a cursor below it is too old).
@@ -372,6 +380,7 @@ impl ShardStateMachine {
             meta: RwLock::new(Arc::new(meta.clone())),
             applied_index: AtomicU64::new(applied.map_or(0, |l| l.index)),
             events_after: AtomicU64::new(events_after),
+            snapshot_bytes: AtomicU64::new(0),
         });
         Ok(ShardStateMachine {
             shard,
@@ -741,6 +750,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let body = self.read_body().and_then(|b| encoded(&b));
         ShardSnapshotBuilder {
             tree: self.tree.clone(),
+            shared: self.shared.clone(),
             applied: self.applied,
             membership: self.membership.clone(),
             body,
@@ -784,6 +794,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             writes.push((audit_key(record.at_ms, *index, *position), Some(encoded(record)?)));
         }
         writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
+        self.shared.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
         self.tree.apply_batch(writes).map_err(write_err)?;
         self.tree.sync().map_err(write_err)?;
@@ -807,6 +818,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 /// Builds a snapshot from the state read when it was created.
 pub struct ShardSnapshotBuilder {
     tree: Arc<dyn KvTree>,
+    shared: Arc<Shared>,
     applied: Option<LogId>,
     membership: StoredMembership,
     body: Result<Vec<u8>, StorageError>,
@@ -830,6 +842,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
         // The state machine's own writes up to `applied` become durable here too, before openraft
         // is told the snapshot exists and may purge the log behind it.
         self.tree.sync().map_err(write_err)?;
+        self.shared.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
