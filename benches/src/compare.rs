@@ -820,10 +820,25 @@ pub async fn all(
     bench.check_local().await?;
     // Push latency to subscribers first: a subscriber's first message is a snapshot of every
     // revoked, unexpired session, which `revoke` below makes large (see the note in BENCHMARKS.md).
-    bench.propagation().await?;
+    // A scenario that fails is reported as a missed target; the others still run.
+    let failed = |bench: &mut Bench<'_>, what: &str, e: anyhow::Error| {
+        eprintln!("  {what} failed: {e:#}");
+        bench.targets.push(Target {
+            what: format!("{what} (failed)"),
+            measured: format!("{e:#}"),
+            met: Some(false),
+        });
+    };
+    if let Err(e) = bench.propagation().await {
+        failed(&mut bench, "propagation", e);
+    }
     bench.revoke().await?;
-    bench.restart().await?;
-    bench.mass_revoke().await?;
+    if let Err(e) = bench.restart().await {
+        failed(&mut bench, "restart", e);
+    }
+    if let Err(e) = bench.mass_revoke().await {
+        failed(&mut bench, "mass-revoke", e);
+    }
 
     println!(
         "\n## Cascade vs peers: {} sessions, {} nodes, same machine, same load generator\n",

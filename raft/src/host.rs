@@ -102,6 +102,11 @@ pub const HEARTBEAT_MS_DEFAULT: u64 = 100;
 /// writes × state (measured: 19 GB written while loading 280,000 sessions with every 5,000
 /// entries); this keeps them proportional to the writes.
 pub const SNAPSHOT_BYTES_PER_ENTRY: u64 = 256;
+/// How often sled writes the state machines' dirty pages out. Nothing relies on it for
+/// durability (the WAL is the record; a snapshot syncs the tree before the log behind it goes),
+/// and each flush rewrites every dirty page: with writes spread over many users, about the whole
+/// tree.
+const SM_FLUSH_EVERY_MS: Option<u64> = Some(1_000);
 /// How often the snapshot policy looks at the shards.
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
 /// Shortest election timeout by default (3 heartbeats).
@@ -191,7 +196,7 @@ impl RaftHost {
                 let db = sled::Config::new()
                     .path(&sm_dir)
                     .cache_capacity(256 << 20)
-                    .flush_every_ms(Some(1000))
+                    .flush_every_ms(SM_FLUSH_EVERY_MS)
                     .open()
                     .with_context(|| format!("open sled database {}", sm_dir.display()))?;
                 (

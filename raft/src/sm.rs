@@ -33,8 +33,14 @@ use std::sync::{Arc, RwLock};
 const KEY_META: &[u8] = b"m/meta";
 const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
-const KEY_SNAP_META: &[u8] = b"m/snap_meta";
-const KEY_SNAP_DATA: &[u8] = b"m/snap_data";
+/// The last snapshot, after every other key: sled rewrites a whole leaf when it consolidates
+/// it, and next to `m/applied` (written by every apply) the snapshot's value was rewritten over
+/// and over (measured: most of the bytes written while loading sessions).
+const KEY_SNAP_META: &[u8] = b"z/snap_meta";
+const KEY_SNAP_DATA: &[u8] = b"z/snap_data";
+/// Where data dirs written before the move keep their snapshot (moved when opened).
+const KEY_SNAP_META_V0: &[u8] = b"m/snap_meta";
+const KEY_SNAP_DATA_V0: &[u8] = b"m/snap_data";
 /// Mass revocation jobs by id (at most `cascade_core::limits::JOBS_KEPT_MAX`).
 const PREFIX_JOB: &[u8] = b"j/";
 /// The audit trail by (time, log index, position): replicated, and carried by snapshots.
@@ -372,6 +378,7 @@ impl ShardStateMachine {
         limits: Limits,
         observer: Option<Arc<dyn ApplyObserver>>,
     ) -> Result<Self, StorageError> {
+        move_snapshot_keys(&*tree)?;
         let applied: Option<LogId> = get_decoded::<Option<LogId>>(&*tree, KEY_APPLIED)?.flatten();
         let membership = get_decoded(&*tree, KEY_MEMBERSHIP)?.unwrap_or_default();
         let meta: ShardMeta = get_decoded(&*tree, KEY_META)?.unwrap_or_default();
@@ -815,6 +822,19 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 }
 
+/// Moves a snapshot stored under the keys of earlier versions to the current ones (one batch).
+fn move_snapshot_keys(tree: &dyn KvTree) -> Result<(), StorageError> {
+    let Some(meta) = tree.get(KEY_SNAP_META_V0).map_err(read_err)? else { return Ok(()) };
+    let data = tree.get(KEY_SNAP_DATA_V0).map_err(read_err)?.unwrap_or_default();
+    tree.apply_batch(vec![
+        (KEY_SNAP_META.to_vec(), Some(meta)),
+        (KEY_SNAP_DATA.to_vec(), Some(data)),
+        (KEY_SNAP_META_V0.to_vec(), None),
+        (KEY_SNAP_DATA_V0.to_vec(), None),
+    ])
+    .map_err(write_err)
+}
+
 /// Builds a snapshot from the state read when it was created.
 pub struct ShardSnapshotBuilder {
     tree: Arc<dyn KvTree>,
@@ -922,6 +942,33 @@ mod tests {
         // The promise survives a restart.
         let reopened = ShardStateMachine::open(0, tree, Limits::default(), None).expect("reopen");
         assert_eq!(reopened.reader().events_after(), 2);
+    }
+
+    /// A data dir of an earlier version, whose snapshot sits under the old keys, keeps it.
+    #[tokio::test]
+    async fn a_snapshot_under_the_old_keys_is_moved_when_opened() {
+        let tree = Arc::new(MemTree::default());
+        let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
+        sm.apply(vec![watermark(1, "a"), watermark(2, "b")]).await.expect("apply");
+        let mut builder = sm.get_snapshot_builder().await;
+        let built = builder.build_snapshot().await.expect("build");
+        // As an earlier version kept it.
+        let (meta, data) = (tree.get(KEY_SNAP_META).unwrap(), tree.get(KEY_SNAP_DATA).unwrap());
+        tree.apply_batch(vec![
+            (KEY_SNAP_META_V0.to_vec(), meta),
+            (KEY_SNAP_DATA_V0.to_vec(), data),
+            (KEY_SNAP_META.to_vec(), None),
+            (KEY_SNAP_DATA.to_vec(), None),
+        ])
+        .unwrap();
+        drop(sm);
+        let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("reopen");
+        let current = sm.get_current_snapshot().await.expect("read").expect("the snapshot is still there");
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
+        assert!(
+            tree.get(KEY_SNAP_META_V0).unwrap().is_none() && tree.get(KEY_SNAP_DATA_V0).unwrap().is_none()
+        );
     }
 
     /// Jobs and the audit trail are replicated state: a replica that installs a snapshot gets

@@ -50,7 +50,7 @@ const SNAPSHOT_USERS_PAGE: usize = 256;
 /// How long a shard's snapshot is handed to subscribers that start after it was taken. A
 /// snapshot reads every user of the shard; a fleet of gateways (re)connecting at once shares one
 /// read per shard instead of one each. At most one snapshot per shard is kept.
-pub const SNAPSHOT_SHARE: Duration = Duration::from_millis(250);
+pub const SNAPSHOT_SHARE: Duration = Duration::from_millis(1_000);
 
 /// What the watch streams of a node share: a wake-up when events apply, the subscriber count,
 /// and the signal that the node is shutting down.
