@@ -81,12 +81,14 @@ impl Redis {
         let mut stack: Vec<(usize, Vec<Reply>)> = Vec::new();
         loop {
             let line = self.line().await?;
-            let (kind, rest) = line.split_at(line.len().min(1));
+            // By byte: a line starting with a multi-byte character is an unknown type, not a panic.
+            let kind = line.as_bytes().first().copied().unwrap_or(b' ');
+            let rest = line.get(1..).unwrap_or_default();
             let mut reply = match kind {
-                "+" => Reply::Status(rest.to_owned()),
-                "-" => Reply::Error(rest.to_owned()),
-                ":" => Reply::Int(rest.parse().context("redis: integer reply")?),
-                "$" => {
+                b'+' => Reply::Status(rest.to_owned()),
+                b'-' => Reply::Error(rest.to_owned()),
+                b':' => Reply::Int(rest.parse().context("redis: integer reply")?),
+                b'$' => {
                     let len: i64 = rest.parse().context("redis: bulk length")?;
                     if len < 0 {
                         Reply::Bulk(None)
@@ -101,7 +103,7 @@ impl Redis {
                         Reply::Bulk(Some(data))
                     }
                 }
-                "*" => {
+                b'*' => {
                     let len: i64 = rest.parse().context("redis: array length")?;
                     if len <= 0 {
                         Reply::Array(Vec::new())
@@ -114,7 +116,7 @@ impl Redis {
                         continue;
                     }
                 }
-                other => bail!("redis: unknown reply type {other:?}"),
+                other => bail!("redis: unknown reply type {:?}", other as char),
             };
             // Put the finished reply into its array, closing every array it completes.
             loop {
