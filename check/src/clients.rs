@@ -83,6 +83,12 @@ pub type Connector = Arc<dyn Fn(u64) -> CascadeClient<Channel> + Send + Sync>;
 
 /// Final reads in flight at once.
 pub const FINAL_READS_IN_FLIGHT: usize = 16;
+/// A final read that every node refused is tried again this many times, this far apart: nodes
+/// keep balancing leaderships after convergence, and a shard being handed over refuses
+/// linearizable reads until its new leader has committed an entry. A shard that stays
+/// unavailable still fails liveness.
+const FINAL_READ_ROUNDS: usize = 3;
+const FINAL_READ_PAUSE: Duration = Duration::from_millis(1_000);
 /// Tenant of every simulated user (drills use their own, see [`Workload::tenant`]).
 pub const TENANT: &str = "t";
 const TTL_MS: u64 = 3_600_000;
@@ -576,14 +582,20 @@ async fn final_reads(w: &Workload, nodes: &Nodes, history: &impl Recorder) {
     });
     let reads = sessions.into_iter().map(|(session, key)| async move {
         let mut errors = Vec::new();
-        for &id in &nodes.ids {
-            let req = check_request(&session, &key, true);
-            match timed(w.op_timeout(), nodes.get(id).check_session(request(req, w.op_timeout()))).await {
-                Ok(r) => {
-                    history.write(|h| h.final_checks.insert(session.clone(), seen(&session, &r)));
-                    return;
+        for round in 0..FINAL_READ_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(FINAL_READ_PAUSE).await;
+            }
+            errors.clear();
+            for &id in &nodes.ids {
+                let req = check_request(&session, &key, true);
+                match timed(w.op_timeout(), nodes.get(id).check_session(request(req, w.op_timeout()))).await {
+                    Ok(r) => {
+                        history.write(|h| h.final_checks.insert(session.clone(), seen(&session, &r)));
+                        return;
+                    }
+                    Err(e) => errors.push(format!("n{id}: {:?} {}", e.code(), e.message())),
                 }
-                Err(e) => errors.push(format!("n{id}: {:?} {}", e.code(), e.message())),
             }
         }
         history.write(|h| h.final_read_errors.push(format!("{session}: {}", errors.join("; "))));

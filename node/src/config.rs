@@ -104,6 +104,9 @@ pub enum StaleReads {
     Unavailable,
 }
 
+/// Default of `cluster.leader_balance_ms`.
+pub const LEADER_BALANCE_MS_DEFAULT: u64 = 10_000;
+
 /// Cluster formation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,11 +119,21 @@ pub struct ClusterConfig {
     pub join: bool,
     /// Replicas per shard (3 or 5; fewer if the cluster has fewer nodes).
     pub replicas: usize,
+    /// How often a node that leads more shards than its share checks whether to hand one to a
+    /// caught-up voter leading at least two fewer, so leaderships spread out again after
+    /// failovers (a handover is an election: writes to that shard pause for about one round
+    /// trip). 0 = never.
+    pub leader_balance_ms: u64,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { nodes: Vec::new(), join: false, replicas: 3 }
+        ClusterConfig {
+            nodes: Vec::new(),
+            join: false,
+            replicas: 3,
+            leader_balance_ms: LEADER_BALANCE_MS_DEFAULT,
+        }
     }
 }
 

@@ -21,9 +21,10 @@ use ractor::Actor;
 use std::future::Future;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How long a stopping node waits for HTTP requests in flight.
-const HTTP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const HTTP_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest public API request (batches of checks are far below it).
 const API_MESSAGE_BYTES_MAX: usize = 4 << 20;
@@ -112,6 +113,9 @@ pub async fn run(
     ctx.clock_offset_ms = clock_offset_ms;
     ctx.watch = watch.clone();
     let ctx = Arc::new(ctx);
+    let balancer = (config.cluster.leader_balance_ms > 0).then(|| {
+        tokio::spawn(balance_leaders(ctx.clone(), Duration::from_millis(config.cluster.leader_balance_ms)))
+    });
     let auth = Policy::new(&config.auth, metrics.clone());
     if auth.is_none() {
         tracing::warn!(
@@ -183,11 +187,26 @@ pub async fn run(
             }
         }
     }
+    if let Some(balancer) = balancer {
+        balancer.abort();
+        let _ = balancer.await;
+    }
     supervisor.stop(Some("node shutdown".to_owned()));
     let _ = supervisor_done.await;
     host.shutdown().await?;
     served.context("grpc server")?;
     Ok(())
+}
+
+/// Every `every`, hand one shard's leadership over if this node leads more than its share
+/// (`NodeCtx::balance_leaders_once`). Runs until aborted.
+async fn balance_leaders(ctx: Arc<NodeCtx>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = ctx.balance_leaders_once().await {
+            tracing::warn!(node = ctx.node_id, error = %e, "leader balancing round failed");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -346,6 +346,81 @@ async fn restarted_node_catches_up() {
     }
 }
 
+/// Leaderships per node, as every running node reports them; `None` while they disagree or a
+/// shard has no leader.
+async fn leaders_per_node(cluster: &TestCluster) -> Option<BTreeMap<u64, usize>> {
+    let mut seen = None;
+    for m in cluster.members.iter().filter(|m| m.is_running()) {
+        let s = m.client().await.node_status(pb::NodeStatusRequest {}).await.ok()?.into_inner();
+        let leaders: Vec<u64> = s.shards.iter().map(|sh| sh.leader).collect();
+        if leaders.contains(&0) || seen.as_ref().is_some_and(|l| *l != leaders) {
+            return None;
+        }
+        seen = Some(leaders);
+    }
+    let mut led: BTreeMap<u64, usize> = cluster.members.iter().map(|m| (m.id, 0)).collect();
+    for leader in seen? {
+        *led.entry(leader).or_default() += 1;
+    }
+    Some(led)
+}
+
+/// P4: a failover piles leaderships onto the survivors; once the stopped node is back, they
+/// spread out again by themselves (two each of six shards), with writes running throughout and
+/// none of them lost; then they stay put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderships_spread_out_again_after_a_failover() {
+    const SHARDS: u16 = 6;
+    let mut cluster = TestCluster::start_with(3, SHARDS, |c| c.cluster.leader_balance_ms = 300).await;
+    let even = |led: &BTreeMap<u64, usize>| led.values().all(|n| *n == 2);
+    let initial = poll_until("leaders agreed on", STATE_DEADLINE, || leaders_per_node(&cluster)).await;
+    assert!(even(&initial), "placement spreads preferred leaders: {initial:?}");
+
+    let writer_client = cluster.members[0].client().await;
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut failed = 0;
+        for i in 0..300 {
+            let mut c = writer_client.clone();
+            match c.create_session(create_req("acme", &format!("b{i}"), "web")).await {
+                Ok(r) => acked.push(r.into_inner().session_id),
+                Err(_) => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failed)
+    });
+
+    let victim = cluster.members[2].id;
+    cluster.by_id(victim).stop().await;
+    let piled = poll_until("the survivors lead every shard", STATE_DEADLINE, || async {
+        leaders_per_node(&cluster).await.filter(|led| led.get(&victim) == Some(&0))
+    })
+    .await;
+    eprintln!("leaders per node after node {victim} stopped: {piled:?}");
+    cluster.by_id(victim).start().await;
+    let start = Instant::now();
+    let spread = poll_until("leaderships spread out again", STATE_DEADLINE, || async {
+        leaders_per_node(&cluster).await.filter(even)
+    })
+    .await;
+    eprintln!("leaders per node {} ms after the restart: {spread:?}", start.elapsed().as_millis());
+    // Balanced: nobody hands anything over any more (6 balancing periods).
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let after = poll_until("leaders agreed on", STATE_DEADLINE, || leaders_per_node(&cluster)).await;
+    assert_eq!(after, spread, "leaderships moved once even");
+
+    let (acked, failed) = writer.await.expect("writer");
+    eprintln!("writes during failover and balancing: {} acknowledged, {failed} failed", acked.len());
+    assert!(acked.len() >= 250, "too few writes succeeded: {} ({failed} failed)", acked.len());
+    for m in &cluster.members {
+        let client = m.client().await;
+        for id in &acked {
+            assert_valid(&check_eventually(&client, id).await, &format!("{id} on node {}", m.id));
+        }
+    }
+}
+
 /// P1/P4: a node joins and another leaves while writes run; replicas move so each shard keeps 3
 /// replicas in distinct regions, and every acknowledged write is still there afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,6 +308,25 @@ fn decode_request<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, Status> {
     codec::decode(&msg.payload).map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
 }
 
+/// Entries of an append-entries request must follow its `prev_log_id` one index after another:
+/// openraft appends them without looking (a debug build asserts), so a request from a faulty or
+/// hostile peer could otherwise leave a gap in the log.
+fn consecutive(req: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    let first = req.prev_log_id.map_or(0, |p| p.index + 1);
+    for (expected, entry) in (first..).zip(&req.entries) {
+        if entry.log_id.index != expected {
+            return Err(format!(
+                "append-entries entries are not consecutive: prev_log_id {}, expected index {expected}, got {} ({} entries from {})",
+                req.prev_log_id.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+                entry.log_id,
+                req.entries.len(),
+                req.entries.first().map_or_else(String::new, |e| e.log_id.to_string()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn reply<T: Serialize>(shard: u32, value: &T) -> Result<Response<RaftMessage>, Status> {
     let payload = codec::encode(value).map_err(|e| Status::internal(format!("encode raft reply: {e}")))?;
     Ok(Response::new(RaftMessage { shard, payload }))
@@ -319,6 +338,10 @@ impl RaftTransport for TransportServer {
         let msg = request.into_inner();
         let raft = self.shard(&msg)?;
         let req: AppendEntriesRequest<TypeConfig> = decode_request(&msg)?;
+        consecutive(&req).map_err(|e| {
+            tracing::error!(shard = msg.shard, leader = %req.vote, error = %e, "append-entries refused");
+            Status::invalid_argument(e)
+        })?;
         reply(msg.shard, &raft.append_entries(req).await)
     }
 
@@ -418,5 +441,39 @@ impl TransportServer {
             }
             Err(e) => Err(Status::unavailable(format!("shard {}: {e}", r.shard))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consecutive;
+    use crate::typ::{Entry, TypeConfig};
+    use openraft::raft::AppendEntriesRequest;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+
+    fn request(prev: Option<u64>, indexes: &[u64]) -> AppendEntriesRequest<TypeConfig> {
+        let log_id = |index| LogId::new(CommittedLeaderId::new(4, 1), index);
+        AppendEntriesRequest {
+            vote: Vote::new_committed(4, 1),
+            prev_log_id: prev.map(log_id),
+            entries: indexes
+                .iter()
+                .map(|i| Entry { log_id: log_id(*i), payload: EntryPayload::Blank })
+                .collect(),
+            leader_commit: None,
+        }
+    }
+
+    /// A request whose entries do not follow its prev_log_id (a leader that read a range purged
+    /// under it sent one) is refused before openraft appends it with a gap.
+    #[test]
+    fn append_entries_must_follow_prev_log_id() {
+        assert!(consecutive(&request(Some(88), &[89, 90, 91])).is_ok());
+        assert!(consecutive(&request(None, &[0, 1])).is_ok());
+        assert!(consecutive(&request(Some(88), &[])).is_ok());
+        let gap = consecutive(&request(Some(88), &[141, 142])).expect_err("a gap");
+        assert!(gap.contains("expected index 89"), "{gap}");
+        assert!(consecutive(&request(Some(88), &[89, 91])).is_err());
+        assert!(consecutive(&request(None, &[1])).is_err());
     }
 }

@@ -97,6 +97,39 @@ fn level(replicas: &mut [NodeId], nodes: &Nodes, load: &mut Load) {
     }
 }
 
+/// Who leads one shard now, and which of its voters could take over (reachable and caught up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardLeadership {
+    pub shard: ShardId,
+    pub leader: Option<NodeId>,
+    pub eligible: Vec<NodeId>,
+}
+
+/// One step toward leaderships spread evenly over nodes (after failovers leave them piled up):
+/// the shard `me` should hand over and to which voter, or `None`. `me` hands over only to an
+/// eligible voter leading at least two shards fewer than it does, so each step narrows the
+/// spread and two nodes never hand a shard back and forth. Among candidates: the fewest
+/// leaderships on the node, then in its region, then the lowest shard and node ids.
+pub fn leader_handover(nodes: &Nodes, shards: &[ShardLeadership], me: NodeId) -> Option<(ShardId, NodeId)> {
+    let region = |id: &NodeId| nodes.get(id).map(|n| n.region.as_str()).unwrap_or_default();
+    let mut led: BTreeMap<NodeId, usize> = nodes.keys().map(|id| (*id, 0)).collect();
+    let mut region_led: BTreeMap<&str, usize> = BTreeMap::new();
+    for leader in shards.iter().filter_map(|s| s.leader) {
+        *led.entry(leader).or_default() += 1;
+        *region_led.entry(region(&leader)).or_default() += 1;
+    }
+    let mine = led.get(&me).copied().unwrap_or(0);
+    shards
+        .iter()
+        .filter(|s| s.leader == Some(me))
+        .flat_map(|s| s.eligible.iter().map(move |to| (s.shard, *to)))
+        .filter(|(_, to)| *to != me && nodes.contains_key(to))
+        .filter(|(_, to)| led.get(to).copied().unwrap_or(0) + 2 <= mine)
+        .min_by_key(|(shard, to)| {
+            (led.get(to).copied().unwrap_or(0), region_led.get(region(to)).copied().unwrap_or(0), *shard, *to)
+        })
+}
+
 /// How many replicas and preferred leaderships each node has been given so far.
 #[derive(Default)]
 struct Load {
@@ -290,5 +323,68 @@ mod tests {
             assert_eq!(regions(a, &four).len(), 3, "{a:?}");
             assert!(a.replicas.contains(&1) && a.replicas.contains(&2), "{b:?} -> {a:?}");
         }
+    }
+
+    fn leadership(shard: ShardId, leader: NodeId, eligible: &[NodeId]) -> ShardLeadership {
+        ShardLeadership { shard, leader: Some(leader), eligible: eligible.to_vec() }
+    }
+
+    /// After failovers one node leads everything: it hands shards to the least loaded eligible
+    /// voters one step at a time until no node leads two more than another, then stops.
+    #[test]
+    fn leaderships_piled_on_one_node_spread_out_and_settle() {
+        let three = nodes(&[(1, "a"), (2, "b"), (3, "c")]);
+        let mut shards: Vec<ShardLeadership> = (0..6).map(|s| leadership(s, 1, &[1, 2, 3])).collect();
+        let mut steps = 0;
+        loop {
+            let moved = (1..=3).find_map(|me| leader_handover(&three, &shards, me));
+            let Some((shard, to)) = moved else { break };
+            shards[usize::from(shard)].leader = Some(to);
+            steps += 1;
+            assert!(steps <= 6, "no convergence: {shards:?}");
+        }
+        let mut led = BTreeMap::new();
+        for s in &shards {
+            *led.entry(s.leader.expect("leader")).or_insert(0) += 1;
+        }
+        assert_eq!(led.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "{shards:?}");
+        assert_eq!(steps, 4);
+    }
+
+    #[test]
+    fn handover_only_to_eligible_voters_with_two_fewer() {
+        let three = nodes(&[(1, "a"), (2, "b"), (3, "c")]);
+        // 2, 1, 0 leaderships: node 1 hands to node 3, not to node 2 (only one fewer).
+        let shards =
+            vec![leadership(0, 1, &[1, 2, 3]), leadership(1, 1, &[1, 2, 3]), leadership(2, 2, &[1, 2, 3])];
+        assert_eq!(leader_handover(&three, &shards, 1), Some((0, 3)));
+        assert_eq!(leader_handover(&three, &shards, 2), None);
+        // Node 3 unreachable or behind: not eligible, nothing moves.
+        let behind = vec![leadership(0, 1, &[1, 2]), leadership(1, 1, &[1, 2]), leadership(2, 2, &[1, 2, 3])];
+        assert_eq!(leader_handover(&three, &behind, 1), None);
+        // 2, 1, 1: balanced enough.
+        let even = vec![
+            leadership(0, 1, &[1, 2, 3]),
+            leadership(1, 1, &[1, 2, 3]),
+            leadership(2, 2, &[1, 2, 3]),
+            leadership(3, 3, &[1, 2, 3]),
+        ];
+        assert!((1..=3).all(|me| leader_handover(&three, &even, me).is_none()));
+        // A shard without a leader counts for nobody.
+        let leaderless = vec![ShardLeadership { shard: 0, leader: None, eligible: vec![1, 2, 3] }];
+        assert!((1..=3).all(|me| leader_handover(&three, &leaderless, me).is_none()));
+    }
+
+    /// Ties go to the region with fewer leaderships.
+    #[test]
+    fn handover_prefers_the_region_with_fewer_leaderships() {
+        let four = nodes(&[(1, "a"), (2, "b"), (3, "b"), (4, "c")]);
+        let shards = vec![
+            leadership(0, 1, &[1, 2, 4]),
+            leadership(1, 1, &[1, 2, 4]),
+            leadership(2, 1, &[1, 2, 4]),
+            leadership(3, 3, &[1, 3, 4]),
+        ];
+        assert_eq!(leader_handover(&four, &shards, 1), Some((0, 4)));
     }
 }

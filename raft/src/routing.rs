@@ -14,7 +14,10 @@ use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::RaftMessage;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+use tokio::sync::RwLock;
 
 /// First wait before retrying a write that found no leader; doubles up to `RETRY_BACKOFF_MAX`.
 pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(20);
@@ -44,9 +47,29 @@ impl ProposeError {
     }
 }
 
-/// Propose on the local replica and wait until committed and applied.
+/// Per (node, shard): every local proposal holds this gate open (shared) until its outcome; a
+/// leader handing the shard over closes it (exclusive) so its log stops growing while the target
+/// catches up. openraft 0.9 lets a candidate win only with a log as complete as the leader's, and
+/// a candidate that loses still deposes the leader (its higher term reaches it), so a handover
+/// under a stream of writes would otherwise cost the shard an election timeout. Keyed by node
+/// too because several nodes may share a process (tests, the simulator); one small entry per
+/// shard a node has proposed on.
+static HANDOVER_GATES: LazyLock<Mutex<Gates>> = LazyLock::new(|| Mutex::new(BTreeMap::new()));
+
+type Gates = BTreeMap<(NodeId, ShardId), Arc<RwLock<()>>>;
+
+/// The handover gate of `shard` on `node` (see [`HANDOVER_GATES`]).
+pub fn handover_gate(node: NodeId, shard: ShardId) -> Arc<RwLock<()>> {
+    let mut gates = HANDOVER_GATES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    gates.entry((node, shard)).or_default().clone()
+}
+
+/// Propose on the local replica and wait until committed and applied. Waits while the shard's
+/// leadership is being handed over from here (then answers `NotLeader`).
 pub async fn propose_local(raft: &Raft, shard: ShardId, envelope: Envelope) -> Result<Applied, ProposeError> {
     let node = raft.metrics().borrow().id;
+    let gate = handover_gate(node, shard);
+    let _open = gate.read().await;
     match raft.client_write(envelope).await {
         Ok(resp) => Ok(resp.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

@@ -12,9 +12,9 @@ use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::{ChangeVotersRequest, VoterNode};
 use cascade_raft::membership::CATCH_UP_TIMEOUT;
-use cascade_raft::placement::{self, Nodes, ShardPlacement};
+use cascade_raft::placement::{self, Nodes, ShardLeadership, ShardPlacement};
 use cascade_raft::typ::CascadeNode;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Attempts to reach a shard's leader for one change (leaders move during elections).
@@ -26,6 +26,9 @@ struct View {
     nodes: Nodes,
     /// Per shard: (term, leader, voters) from the replica reporting the highest term.
     shards: BTreeMap<ShardId, (u64, u64, Vec<u64>)>,
+    /// Per shard: the nodes that answered and whose replica proves freshness (caught up with a
+    /// leader within the revocation bound).
+    fresh: BTreeMap<ShardId, BTreeSet<u64>>,
 }
 
 impl NodeCtx {
@@ -86,6 +89,48 @@ impl NodeCtx {
             moves,
             took_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// One round of leader balancing: when this node leads more than its share of shards (after
+    /// failovers moved leaderships onto it), learn the cluster's view and hand one shard to a
+    /// caught-up voter that leads at least two fewer (`placement::leader_handover`). Returns the
+    /// move made.
+    pub async fn balance_leaders_once(&self) -> Result<Option<(ShardId, u64)>, ApiError> {
+        let mut nodes = BTreeSet::new();
+        let mut led = 0usize;
+        for shard in 0..self.n_shards {
+            let raft = self.raft(shard)?;
+            let m = raft.metrics().borrow().clone();
+            nodes.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+            if m.current_leader == Some(self.node_id) && self.staleness_ms(shard).is_some() {
+                led += 1;
+            }
+        }
+        // Whenever leaderships are uneven by two or more, the node leading the most leads more
+        // than the floor of an even share: only such nodes look further.
+        if nodes.is_empty() || led <= usize::from(self.n_shards) / nodes.len() {
+            return Ok(None);
+        }
+        let view = self.cluster_view().await?;
+        let shards: Vec<ShardLeadership> = (0..self.n_shards)
+            .map(|shard| {
+                let (leader, voters) = match view.shards.get(&shard) {
+                    Some((_, leader, voters)) => (Some(*leader), voters.clone()),
+                    None => (None, Vec::new()),
+                };
+                let fresh = view.fresh.get(&shard);
+                let eligible =
+                    voters.into_iter().filter(|id| fresh.is_some_and(|f| f.contains(id))).collect();
+                ShardLeadership { shard, leader, eligible }
+            })
+            .collect();
+        let Some((shard, to)) = placement::leader_handover(&view.nodes, &shards, self.node_id) else {
+            return Ok(None);
+        };
+        tracing::info!(shard, from = self.node_id, to, led, "handing leadership over to balance leaders");
+        let (_, took_ms) = self.transfer_leader(shard, to).await?;
+        tracing::info!(shard, to, took_ms, "leadership handed over");
+        Ok(Some((shard, to)))
     }
 
     /// What `NodeStatus` reports about this node.
@@ -163,7 +208,7 @@ impl NodeCtx {
                 nodes.insert(*id, node.clone());
             }
         }
-        let mut view = View { nodes: nodes.clone(), shards: BTreeMap::new() };
+        let mut view = View { nodes: nodes.clone(), shards: BTreeMap::new(), fresh: BTreeMap::new() };
         for (id, node) in &nodes {
             let status = match self.node_status_of(*id, node).await {
                 Ok(s) => s,
@@ -174,6 +219,10 @@ impl NodeCtx {
             };
             for n in status.nodes {
                 view.nodes.entry(n.node_id).or_insert(CascadeNode { addr: n.addr, region: n.region });
+            }
+            for s in status.shards.iter().filter(|s| s.fresh) {
+                let Ok(shard) = ShardId::try_from(s.shard) else { continue };
+                view.fresh.entry(shard).or_default().insert(*id);
             }
             for s in status.shards.iter().filter(|s| s.leader == *id && s.role == "Leader") {
                 let Ok(shard) = ShardId::try_from(s.shard) else { continue };

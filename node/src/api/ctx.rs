@@ -39,6 +39,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a leadership transfer may take, and how long one election attempt is given.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TRANSFER_ATTEMPT: Duration = Duration::from_millis(900);
+/// A leader handing a shard over waits this long for the writes in flight on it to finish, and
+/// then as long again for the target to have every entry of its log, before asking the target
+/// to stand; writes to the shard wait meanwhile.
+pub const HANDOVER_DRAIN: Duration = Duration::from_millis(1_000);
 
 pub struct NodeCtx {
     pub node_id: u64,
@@ -353,6 +357,13 @@ impl NodeCtx {
         let deadline = start + TRANSFER_TIMEOUT;
         let took =
             |start: tokio::time::Instant| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if to != self.node_id && raft.metrics().borrow().current_leader == Some(self.node_id) {
+            return self
+                .hand_over(&raft, shard, to, &target.addr)
+                .await
+                .map(|()| (to, took(start)))
+                .map_err(fail);
+        }
         let mut last_error = String::from("no election won yet");
         while tokio::time::Instant::now() < deadline {
             if raft.metrics().borrow().current_leader == Some(to) {
@@ -373,6 +384,34 @@ impl NodeCtx {
             }
         }
         Err(fail(format!("node {to} did not win an election within {TRANSFER_TIMEOUT:?}: {last_error}")))
+    }
+
+    /// Leadership handover from this node, the leader: hold the shard's writes back, wait until
+    /// `to` has every entry of the log, then have it stand. One attempt: a target that cannot
+    /// catch up within [`HANDOVER_DRAIN`] is not asked (asking would depose this leader without
+    /// electing it).
+    async fn hand_over(&self, raft: &Raft, shard: ShardId, to: u64, addr: &str) -> Result<(), String> {
+        let gate = cascade_raft::routing::handover_gate(self.node_id, shard);
+        let _closed = tokio::time::timeout(HANDOVER_DRAIN, gate.write()).await.map_err(|_| {
+            format!("writes in flight on shard {shard} did not finish within {HANDOVER_DRAIN:?}")
+        })?;
+        let last = raft.metrics().borrow().last_log_index;
+        let matched = |m: &openraft::RaftMetrics<u64, cascade_raft::typ::CascadeNode>| {
+            m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index)
+        };
+        raft.wait(Some(HANDOVER_DRAIN))
+            .metrics(|m| m.current_leader == Some(self.node_id) && matched(m) >= last, "target caught up")
+            .await
+            .map_err(|_| {
+                let now = matched(&raft.metrics().borrow());
+                format!("node {to} did not catch up with the log (index {last:?}, it has {now:?}) within {HANDOVER_DRAIN:?}")
+            })?;
+        self.remote_elect(shard, addr).await?;
+        raft.wait(Some(TRANSFER_ATTEMPT))
+            .metrics(|m| m.current_leader == Some(to), "transfer")
+            .await
+            .map(|_| ())
+            .map_err(|_| format!("node {to} did not win the election within {TRANSFER_ATTEMPT:?}"))
     }
 
     async fn remote_elect(&self, shard: ShardId, addr: &str) -> Result<(), String> {

@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Revocation bound (P2) in milliseconds.
     #[arg(long, value_name = "MS")]
     pub revocation_bound_ms: Option<u64>,
+    /// How often a node leading more than its share of shards hands one over (0 = never).
+    #[arg(long, value_name = "MS")]
+    pub leader_balance_ms: Option<u64>,
     /// Let an operator cut this node's links to peers (`cascade cluster cut`), for drills and
     /// tests. Off by default.
     #[arg(long)]
@@ -90,6 +93,9 @@ impl ServeArgs {
         }
         if let Some(bound) = self.revocation_bound_ms {
             config.revocation_bound_ms = bound;
+        }
+        if let Some(every) = self.leader_balance_ms {
+            config.cluster.leader_balance_ms = every;
         }
         if self.enable_fault_injection {
             config.fault_injection = true;
