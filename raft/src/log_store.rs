@@ -64,6 +64,16 @@ impl<C: WalTypes> RaftLogReader<C> for LogStore<C> {
         // Served from memory, which already holds entries whose append has not been synced yet.
         Ok(self.wal.entries(self.shard, range))
     }
+
+    /// What replication sends: only entries consecutive from `start` (see
+    /// `Wal::consecutive_entries`).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<C::Entry>, StorageError<u64>> {
+        Ok(self.wal.consecutive_entries(self.shard, start, end))
+    }
 }
 
 impl<C: WalTypes> RaftLogStorage<C> for LogStore<C> {

@@ -748,12 +748,7 @@ impl<C: WalTypes> Wal<C> {
         self.inner.shared.with_shard(shard, ShardLog::log_state)
     }
 
-    /// The shard's live entries with an index in `range`, ascending and consecutive from the
-    /// range's start: empty when the start is purged (or missing), never the entries after it.
-    /// openraft sends what it reads as following the entry before `start`, so entries from
-    /// further on would reach a follower as if they came next (a gap in its log). A replication
-    /// stream reading a range purged under it gets nothing, sends a heartbeat, and is sent a
-    /// snapshot next.
+    /// The shard's live entries with an index in `range`, ascending.
     pub fn entries(&self, shard: ShardId, range: impl RangeBounds<u64>) -> Vec<Entry<C>> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
@@ -761,13 +756,7 @@ impl<C: WalTypes> Wal<C> {
                 Some(i) => i,
                 None => return Vec::new(),
             },
-            Bound::Unbounded => {
-                let first = self.inner.shared.with_shard(shard, |log| log.entries.keys().next().copied());
-                match first {
-                    Some(first) => first,
-                    None => return Vec::new(),
-                }
-            }
+            Bound::Unbounded => 0,
         };
         // Exclusive end; `None` means no upper bound.
         let end = match range.end_bound() {
@@ -779,18 +768,27 @@ impl<C: WalTypes> Wal<C> {
         if end.is_some_and(|end| end <= start) {
             return Vec::new();
         }
-        let consecutive = |(i, (index, _)): &(u64, (&u64, &Entry<C>))| start + i == **index;
         self.inner.shared.with_shard(shard, |log| match end {
-            Some(end) => (0u64..)
+            Some(end) => log.entries.range(start..end).map(|(_, e)| e.clone()).collect(),
+            None => log.entries.range(start..).map(|(_, e)| e.clone()).collect(),
+        })
+    }
+
+    /// The shard's entries from `start` on, one index after another, up to `end` (exclusive):
+    /// empty when `start` is purged or missing, never the entries after it. What a replication
+    /// stream reads: openraft sends it as following the entry before `start`, so entries from
+    /// further on would reach a follower as if they came next (a gap in its log). A stream
+    /// reading a range purged under it gets nothing, sends a heartbeat, and a snapshot next.
+    pub fn consecutive_entries(&self, shard: ShardId, start: u64, end: u64) -> Vec<Entry<C>> {
+        if end <= start {
+            return Vec::new();
+        }
+        self.inner.shared.with_shard(shard, |log| {
+            (start..)
                 .zip(log.entries.range(start..end))
-                .take_while(consecutive)
+                .take_while(|(expected, (index, _))| *expected == **index)
                 .map(|(_, (_, e))| e.clone())
-                .collect(),
-            None => (0u64..)
-                .zip(log.entries.range(start..))
-                .take_while(consecutive)
-                .map(|(_, (_, e))| e.clone())
-                .collect(),
+                .collect()
         })
     }
 
@@ -1273,13 +1271,13 @@ mod tests {
         assert_eq!(s0.state.last_log_id, Some(log_id(2, 15)));
         assert_eq!(s0.entries.first().map(|e| e.0), Some(log_id(1, 6)));
         assert_eq!(before[&1].entries.len(), 20);
-        // A range reaching into the purged prefix yields nothing, not the entries after it.
-        assert!(wal.entries(0, 3..10).is_empty());
-        assert_eq!(
-            wal.entries(0, 6..10).iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-            vec![6, 7, 8, 9]
-        );
-        assert_eq!(wal.entries(0, ..).first().map(|e| e.log_id.index), Some(6));
+        // What replication reads: a range reaching into the purged prefix yields nothing, not
+        // the entries after it.
+        assert_eq!(wal.entries(0, 3..10).first().map(|e| e.log_id.index), Some(6));
+        assert!(wal.consecutive_entries(0, 3, 10).is_empty());
+        let from_6 = wal.consecutive_entries(0, 6, 10);
+        assert_eq!(from_6.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        assert!(wal.consecutive_entries(0, 9, 9).is_empty());
         wal.shutdown().await?;
         drop(wal);
 

@@ -61,6 +61,9 @@ const FAILOVER_POLL: Duration = Duration::from_millis(50);
 const FAILOVER_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the restarted node may take to catch up on the shard.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long leaderships may take to spread out again once the killed node is back: a few
+/// balancing periods (`LocalCluster`'s nodes run with a short one), each handing one shard over.
+const BALANCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause between repeated calls while an answer may still be legitimately stale.
@@ -1614,6 +1617,68 @@ async fn restart(walk: &mut Walk, cluster: &mut LocalCluster, victim: usize, hom
 
     walk.step(&format!("Check every acknowledged session on the restarted node {id}"));
     check_acked(walk, &[victim], true).await;
+
+    leaders_spread(walk, cluster.shards).await;
+}
+
+/// Waits until every node names the same leader for every shard and no node leads two more
+/// than another: the survivors of the failover hand shards back to the restarted node.
+async fn leaders_spread(walk: &mut Walk, shards: u16) {
+    walk.step("Leaderships spread out again: the survivors hand shards to the restarted node");
+    walk.did(&format!(
+        "NodeStatus at every node every {} ms, until no node leads two shards more than another",
+        ms(READY_POLL)
+    ));
+    let started = Instant::now();
+    let mut first: Option<String> = None;
+    let mut last = String::from("no answer yet");
+    loop {
+        let mut named: Option<Vec<u64>> = None;
+        let mut agreed = true;
+        for t in &walk.nodes {
+            match t.api.node_status().await {
+                Ok(r) => {
+                    let leaders: Vec<u64> = r.shards.iter().map(|s| s.leader).collect();
+                    if leaders.contains(&0) || named.as_ref().is_some_and(|n| *n != leaders) {
+                        agreed = false;
+                    }
+                    named = Some(leaders);
+                }
+                Err(err) => {
+                    agreed = false;
+                    last = format!("node {}: {err}", t.id);
+                }
+            }
+        }
+        if let Some(leaders) = named.filter(|_| agreed) {
+            let mut led: BTreeMap<u64, usize> = walk.nodes.iter().map(|t| (t.id, 0)).collect();
+            for l in leaders {
+                *led.entry(l).or_default() += 1;
+            }
+            last = led.iter().map(|(id, n)| format!("node {id} leads {n}")).collect::<Vec<_>>().join(", ");
+            first.get_or_insert_with(|| last.clone());
+            let (min, max) = (led.values().min().copied(), led.values().max().copied());
+            if let (Some(min), Some(max)) = (min, max) {
+                if max - min <= 1 {
+                    if let Some(before) = first.as_ref().filter(|f| **f != last) {
+                        walk.got(&format!("first seen: {before}"));
+                    }
+                    walk.got(&format!(
+                        "{last} of {shards} shards, {} ms after the check",
+                        ms(started.elapsed())
+                    ));
+                    walk.judge("no node leads two shards more than another", true);
+                    return;
+                }
+            }
+        }
+        if started.elapsed() >= BALANCE_TIMEOUT {
+            walk.got(&format!("after {} s: {last}", BALANCE_TIMEOUT.as_secs()));
+            walk.judge("no node leads two shards more than another", false);
+            return;
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
 }
 
 /// Stops every node with SIGTERM and judges that each exits cleanly within the deadline. After

@@ -305,6 +305,10 @@ pub struct LocalCluster {
     root: tempfile::TempDir,
 }
 
+/// How often a local cluster's nodes balance leaderships: shorter than a production node's, so
+/// the demo shows leaderships spreading out again within seconds of a restart.
+pub const LEADER_BALANCE_MS: u64 = 2_000;
+
 impl LocalCluster {
     /// Starts one node per region (ids 1, 2, … in that order) on free loopback ports, as a new
     /// cluster of `shards` shards, without waiting for it to serve.
@@ -332,6 +336,8 @@ impl LocalCluster {
                 shards.to_string(),
                 "--region".into(),
                 (*region).to_owned(),
+                "--leader-balance-ms".into(),
+                LEADER_BALANCE_MS.to_string(),
             ];
             for peer in &peers {
                 args.push("--peer".into());
