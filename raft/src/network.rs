@@ -39,6 +39,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(1_000);
 /// How long a ping may go unanswered before the connection is dropped.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// After a connection to a peer could not be made, calls to it fail at once for this long
+/// (doubling with each further failure, up to `RECONNECT_BACKOFF_MAX`) instead of dialing it
+/// again for every shard's every RPC; the first call after the pause dials again. Any answer
+/// from the peer ends the backoff.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1_000);
 /// Largest message a peer may send us (snapshot chunks are far below this).
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
@@ -51,6 +57,15 @@ pub enum PeerError {
     Address { addr: String, source: tonic::transport::Error },
     #[error("TLS to peer {addr}: {source}")]
     Tls { addr: String, source: tonic::transport::Error },
+    #[error("peer {addr} refused connections; dialing it again in {retry_in_ms} ms")]
+    BackingOff { addr: String, retry_in_ms: u64 },
+}
+
+/// Reconnection backoff of one peer address.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    retry_at: tokio::time::Instant,
+    delay: Duration,
 }
 
 /// Metadata key of the cluster key nodes present to each other.
@@ -88,6 +103,9 @@ pub struct Peers {
     /// Peer address → the address actually dialed for it (a proxy, a tunnel). Peers not in it
     /// are dialed at their own address.
     routes: Arc<BTreeMap<String, String>>,
+    /// Peers whose last connection attempt failed (see `RECONNECT_BACKOFF_MIN`); one entry per
+    /// peer address at most.
+    backoff: Arc<Mutex<BTreeMap<String, Backoff>>>,
 }
 
 impl Peers {
@@ -130,10 +148,35 @@ impl Peers {
         self.cut.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    /// The channel to `addr` (`host:port`), created lazily; tonic reconnects with backoff.
+    /// A connection to `addr` could not be made: back off from it (see `RECONNECT_BACKOFF_MIN`).
+    pub fn connect_failed(&self, addr: &str) {
+        let now = tokio::time::Instant::now();
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let delay =
+            backoff.get(addr).map_or(RECONNECT_BACKOFF_MIN, |b| (b.delay * 2).min(RECONNECT_BACKOFF_MAX));
+        backoff.insert(addr.to_owned(), Backoff { retry_at: now + delay, delay });
+    }
+
+    /// `addr` answered: no backoff from it.
+    pub fn answered(&self, addr: &str) {
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        if !backoff.is_empty() {
+            backoff.remove(addr);
+        }
+    }
+
+    /// The channel to `addr` (`host:port`), created lazily and reconnected by tonic when a call
+    /// finds it broken; refused while backing off from a peer that refused connections.
     pub fn channel(&self, addr: &str) -> Result<PeerChannel, PeerError> {
         if self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(addr) {
             return Err(PeerError::Cut { addr: addr.to_owned() });
+        }
+        if let Some(b) = self.backoff.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
+            let left = b.retry_at.saturating_duration_since(tokio::time::Instant::now());
+            if !left.is_zero() {
+                let retry_in_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                return Err(PeerError::BackingOff { addr: addr.to_owned(), retry_in_ms });
+            }
         }
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
@@ -219,8 +262,16 @@ impl PeerConnection {
             RpcKind::Snapshot => client.install_snapshot(request).await,
         };
         let reply = match reply {
-            Ok(r) => r.into_inner(),
+            Ok(r) => {
+                self.peers.answered(&self.addr);
+                r.into_inner()
+            }
             Err(status) if status.code() == tonic::Code::Unavailable => {
+                if crate::routing::never_connected(&status) {
+                    self.peers.connect_failed(&self.addr);
+                } else {
+                    self.peers.answered(&self.addr);
+                }
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
             Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
@@ -446,7 +497,7 @@ impl TransportServer {
 
 #[cfg(test)]
 mod tests {
-    use super::consecutive;
+    use super::{consecutive, PeerError, Peers, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN};
     use crate::typ::{Entry, TypeConfig};
     use openraft::raft::AppendEntriesRequest;
     use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
@@ -475,5 +526,51 @@ mod tests {
         assert!(gap.contains("expected index 89"), "{gap}");
         assert!(consecutive(&request(Some(88), &[89, 91])).is_err());
         assert!(consecutive(&request(None, &[1])).is_err());
+    }
+
+    fn backing_off_ms(peers: &Peers, addr: &str) -> Option<u64> {
+        match peers.channel(addr) {
+            Err(PeerError::BackingOff { retry_in_ms, .. }) => Some(retry_in_ms),
+            _ => None,
+        }
+    }
+
+    /// A peer that refused a connection is not dialed again before a pause that doubles with
+    /// each failure, up to the maximum; an answer ends it.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_refusing_connections_is_dialed_again_after_a_growing_pause() {
+        let peers = Peers::default();
+        let addr = "127.0.0.1:9";
+        assert!(peers.channel(addr).is_ok());
+        peers.connect_failed(addr);
+        assert_eq!(backing_off_ms(&peers, addr), Some(50));
+        tokio::time::advance(RECONNECT_BACKOFF_MIN).await;
+        assert!(peers.channel(addr).is_ok(), "dialed again once the pause is over");
+        peers.connect_failed(addr);
+        assert_eq!(backing_off_ms(&peers, addr), Some(100));
+        for _ in 0..10 {
+            peers.connect_failed(addr);
+        }
+        assert_eq!(backing_off_ms(&peers, addr), Some(RECONNECT_BACKOFF_MAX.as_millis() as u64));
+        assert!(peers.channel("127.0.0.1:10").is_ok(), "other peers are not affected");
+        peers.answered(addr);
+        assert!(peers.channel(addr).is_ok());
+    }
+
+    /// What tonic reports for a port nobody listens on counts as "never connected" (the call
+    /// that starts a backoff, and a forwarded write that may be retried).
+    #[tokio::test]
+    async fn a_refused_connection_is_recognized() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        let peers = Peers::default();
+        let channel = peers.channel(&addr).expect("channel");
+        let mut client = cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient::new(channel);
+        let status = client
+            .append_entries(cascade_protocol::raft_pb::RaftMessage { shard: 0, payload: Vec::new() })
+            .await
+            .expect_err("nobody listens");
+        assert!(crate::routing::never_connected(&status), "{status:?}");
     }
 }

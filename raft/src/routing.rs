@@ -182,7 +182,7 @@ pub async fn write(
 }
 
 /// Whether a failed call never reached the peer (the TCP connection was not established).
-fn never_connected(status: &tonic::Status) -> bool {
+pub(crate) fn never_connected(status: &tonic::Status) -> bool {
     if status.code() != tonic::Code::Unavailable {
         return false;
     }

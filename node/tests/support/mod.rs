@@ -450,10 +450,21 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A loopback address with a port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A loopback address with a port that was free a moment ago (bound to 127.0.0.1:0, then
+/// released), never one handed out before in this process: tests run concurrently, and a node
+/// stopped to be restarted on its port must not find another test's node there (the clusters
+/// then replicated into each other, and openraft asserted).
 pub fn free_loopback_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("bound address")
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1_000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("bound address");
+        if HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.port()) {
+            return addr;
+        }
+    }
+    panic!("no loopback port left that this process has not used")
 }
 
 /// Assert that `result` failed with `code`, and return the message.
