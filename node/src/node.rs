@@ -136,6 +136,7 @@ pub async fn run(
         shards: host.shards.clone(),
         freshness: host.freshness.clone(),
         votes_from: host.votes_from,
+        peers: host.peers.clone(),
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);

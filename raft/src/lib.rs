@@ -14,5 +14,6 @@ pub mod placement;
 pub mod routing;
 pub mod runtime;
 pub mod sm;
+pub mod transfer;
 pub mod typ;
 pub mod wal;

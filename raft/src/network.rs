@@ -15,8 +15,8 @@ use cascade_protocol::outcome::Applied;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
 use cascade_protocol::raft_pb::{
-    ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, RaftMessage, ReadIndexProof,
-    ReadIndexRequest, ReadIndexResponse,
+    ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, HandOverRequest,
+    HandOverResponse, RaftMessage, ReadIndexProof, ReadIndexRequest, ReadIndexResponse,
 };
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -345,6 +345,8 @@ pub struct TransportServer {
     pub freshness: Arc<Freshness>,
     /// Votes are refused before this instant (see `RaftHost::votes_from`).
     pub votes_from: tokio::time::Instant,
+    /// This node's channels to its peers (a handover asks the target to stand through them).
+    pub peers: Peers,
 }
 
 impl TransportServer {
@@ -467,6 +469,25 @@ impl RaftTransport for TransportServer {
         let raft = self.shard(&RaftMessage { shard, payload: Vec::new() })?;
         raft.trigger().elect().await.map_err(|e| Status::unavailable(format!("shard {shard}: {e}")))?;
         Ok(Response::new(ElectResponse {}))
+    }
+
+    async fn hand_over(
+        &self,
+        request: Request<HandOverRequest>,
+    ) -> Result<Response<HandOverResponse>, Status> {
+        let r = request.into_inner();
+        let raft = self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
+        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        match crate::transfer::hand_over(&raft, &self.peers, shard, r.to_node).await {
+            Ok(()) => Ok(Response::new(HandOverResponse {})),
+            Err(e @ crate::transfer::TransferError::NotLeader { .. }) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ crate::transfer::TransferError::NotVoter { .. }) => {
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 
     async fn change_voters(

@@ -136,7 +136,7 @@ impl NodeCtx {
             return Ok(None);
         };
         tracing::info!(shard, from = self.node_id, to, led, "handing leadership over to balance leaders");
-        let (_, took_ms) = self.transfer_leader(shard, to).await?;
+        let took_ms = self.hand_over(shard, to).await?;
         tracing::info!(shard, to, took_ms, "leadership handed over");
         Ok(Some((shard, to)))
     }

@@ -16,10 +16,11 @@ use cascade_protocol::limits::FieldError;
 use cascade_protocol::outcome::Applied;
 use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
-use cascade_protocol::raft_pb::ElectRequest;
+use cascade_protocol::raft_pb::HandOverRequest;
 use cascade_raft::host::RaftHost;
 use cascade_raft::network::PeerChannel;
 use cascade_raft::routing::{self, ProposeError};
+use cascade_raft::transfer;
 use cascade_raft::typ::Raft;
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
@@ -36,13 +37,10 @@ pub const FORWARDED_HEADER: &str = "x-cascade-forwarded-by";
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a write may wait for commit and apply.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a leadership transfer may take, and how long one election attempt is given.
+/// How long a leadership transfer may take, retries included.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
-pub const TRANSFER_ATTEMPT: Duration = Duration::from_millis(900);
-/// A leader handing a shard over waits this long for the writes in flight on it to finish, and
-/// then as long again for the target to have every entry of its log, before asking the target
-/// to stand; writes to the shard wait meanwhile.
-pub const HANDOVER_DRAIN: Duration = Duration::from_millis(1_000);
+/// Between two attempts of a transfer, this node waits this long to hear of the new leader.
+pub const TRANSFER_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 pub struct NodeCtx {
     pub node_id: u64,
@@ -333,92 +331,72 @@ impl NodeCtx {
         self.call(shard, CHECK_TIMEOUT, ShardMsg::Status).await
     }
 
-    /// Make `to` the leader of `shard`: ask it to start an election until it wins or
-    /// `TRANSFER_TIMEOUT` passes. With 3 replicas the old leader's vote suffices (openraft 0.9
-    /// followers refuse votes while they hear from a leader; a leader grants one to a candidate
-    /// whose log is as complete as its own).
+    /// Make `to` the leader of `shard`, retrying until it leads or `TRANSFER_TIMEOUT` passes.
+    /// The shard's leader hands over (see [`transfer::hand_over`]): here if this node leads it,
+    /// otherwise asked through the Raft transport. A candidate that stood on a follower's word
+    /// alone could lag the leader and lose, deposing it without replacing it.
     pub async fn transfer_leader(&self, shard: ShardId, to: u64) -> Result<(u64, u64), ApiError> {
         let raft = self.raft(shard)?;
         let fail = |reason: String| ApiError::Transfer { shard, reason };
-        let target = {
-            let m = raft.metrics().borrow().clone();
-            let membership = m.membership_config.membership();
-            if !membership.voter_ids().any(|v| v == to) {
-                let voters: Vec<u64> = membership.voter_ids().collect();
-                return Err(FieldError::new(
-                    "to_node",
-                    format!("node {to} is not a voter of shard {shard} (voters: {voters:?})"),
-                )
-                .into());
-            }
-            membership.get_node(&to).cloned().ok_or_else(|| fail(format!("node {to} has no address")))?
-        };
+        transfer::voter_addr(&raft, shard, to).map_err(|e| FieldError::new("to_node", e.to_string()))?;
         let start = tokio::time::Instant::now();
         let deadline = start + TRANSFER_TIMEOUT;
-        let took =
-            |start: tokio::time::Instant| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if to != self.node_id && raft.metrics().borrow().current_leader == Some(self.node_id) {
-            return self
-                .hand_over(&raft, shard, to, &target.addr)
-                .await
-                .map(|()| (to, took(start)))
-                .map_err(fail);
-        }
-        let mut last_error = String::from("no election won yet");
+        let took = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut last_error = String::from("the shard has no leader");
         while tokio::time::Instant::now() < deadline {
-            if raft.metrics().borrow().current_leader == Some(to) {
-                return Ok((to, took(start)));
-            }
-            let elected = if to == self.node_id {
-                raft.trigger().elect().await.map_err(|e| e.to_string())
-            } else {
-                self.remote_elect(shard, &target.addr).await
+            let leader = raft.metrics().borrow().current_leader;
+            let attempt = match leader {
+                Some(l) if l == to => return Ok((to, took())),
+                Some(l) if l == self.node_id => {
+                    transfer::hand_over(&raft, &self.host.peers, shard, to).await.map_err(|e| e.to_string())
+                }
+                Some(l) => self.remote_hand_over(&raft, shard, l, to).await,
+                None => Err(String::from("the shard has no leader")),
             };
-            if let Err(e) = elected {
+            if let Err(e) = attempt {
+                tracing::info!(shard, to, leader, error = %e, "leadership transfer attempt failed");
                 last_error = e;
             }
-            let waited =
-                raft.wait(Some(TRANSFER_ATTEMPT)).metrics(|m| m.current_leader == Some(to), "transfer").await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let waited = raft
+                .wait(Some(TRANSFER_RETRY_PAUSE.min(left)))
+                .metrics(|m| m.current_leader == Some(to), "transfer")
+                .await;
             if waited.is_ok() {
-                return Ok((to, took(start)));
+                return Ok((to, took()));
             }
         }
-        Err(fail(format!("node {to} did not win an election within {TRANSFER_TIMEOUT:?}: {last_error}")))
+        Err(fail(format!("node {to} did not become the leader within {TRANSFER_TIMEOUT:?}: {last_error}")))
     }
 
-    /// Leadership handover from this node, the leader: hold the shard's writes back, wait until
-    /// `to` has every entry of the log, then have it stand. One attempt: a target that cannot
-    /// catch up within [`HANDOVER_DRAIN`] is not asked (asking would depose this leader without
-    /// electing it).
-    async fn hand_over(&self, raft: &Raft, shard: ShardId, to: u64, addr: &str) -> Result<(), String> {
-        let gate = cascade_raft::routing::handover_gate(self.node_id, shard);
-        let _closed = tokio::time::timeout(HANDOVER_DRAIN, gate.write()).await.map_err(|_| {
-            format!("writes in flight on shard {shard} did not finish within {HANDOVER_DRAIN:?}")
-        })?;
-        let last = raft.metrics().borrow().last_log_index;
-        let matched = |m: &openraft::RaftMetrics<u64, cascade_raft::typ::CascadeNode>| {
-            m.replication.as_ref().and_then(|r| r.get(&to).copied().flatten()).map(|l| l.index)
-        };
-        raft.wait(Some(HANDOVER_DRAIN))
-            .metrics(|m| m.current_leader == Some(self.node_id) && matched(m) >= last, "target caught up")
+    /// One handover attempt from this node, which should lead `shard` (see
+    /// [`transfer::hand_over`]); leader balancing makes exactly one.
+    pub async fn hand_over(&self, shard: ShardId, to: u64) -> Result<u64, ApiError> {
+        let raft = self.raft(shard)?;
+        let start = tokio::time::Instant::now();
+        transfer::hand_over(&raft, &self.host.peers, shard, to)
             .await
-            .map_err(|_| {
-                let now = matched(&raft.metrics().borrow());
-                format!("node {to} did not catch up with the log (index {last:?}, it has {now:?}) within {HANDOVER_DRAIN:?}")
-            })?;
-        self.remote_elect(shard, addr).await?;
-        raft.wait(Some(TRANSFER_ATTEMPT))
-            .metrics(|m| m.current_leader == Some(to), "transfer")
+            .map_err(|e| ApiError::Transfer { shard, reason: e.to_string() })?;
+        Ok(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Ask `leader`, the shard's leader as this node last heard, to hand it over to `to`.
+    async fn remote_hand_over(
+        &self,
+        raft: &Raft,
+        shard: ShardId,
+        leader: u64,
+        to: u64,
+    ) -> Result<(), String> {
+        let addr = transfer::voter_addr(raft, shard, leader).map_err(|e| e.to_string())?.addr;
+        let channel = self.host.peers.channel(&addr).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(HandOverRequest { shard: u32::from(shard), to_node: to });
+        request.set_timeout(transfer::HANDOVER_MAX + CHECK_TIMEOUT);
+        RaftTransportClient::new(channel)
+            .hand_over(request)
             .await
             .map(|_| ())
-            .map_err(|_| format!("node {to} did not win the election within {TRANSFER_ATTEMPT:?}"))
-    }
-
-    async fn remote_elect(&self, shard: ShardId, addr: &str) -> Result<(), String> {
-        let channel = self.host.peers.channel(addr).map_err(|e| e.to_string())?;
-        let mut request = tonic::Request::new(ElectRequest { shard: u32::from(shard) });
-        request.set_timeout(CHECK_TIMEOUT);
-        RaftTransportClient::new(channel).elect(request).await.map(|_| ()).map_err(|s| s.message().to_owned())
+            .map_err(|s| format!("leader {leader}: {}", s.message()))
     }
 
     /// Shard-wide watermarks of a shard as last applied here.
