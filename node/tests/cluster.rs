@@ -346,6 +346,62 @@ async fn restarted_node_catches_up() {
     }
 }
 
+/// A node that lost its disk rejoins by snapshot: the survivors have purged the log it would
+/// need, so it can only catch up by the leaders streaming their snapshots to it (StreamSnapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_that_lost_its_disk_rejoins_by_snapshot() {
+    const EVERY: u64 = 8;
+    let mut cluster = TestCluster::start_with(3, N_SHARDS, |c| c.snapshot_every_n_logs = EVERY).await;
+    let third = cluster.members[2].id;
+    cluster.by_id(third).stop().await;
+    let data_dir = cluster.by_id(third).config.data_dir.clone();
+    std::fs::remove_dir_all(&data_dir).expect("wipe the data dir");
+    std::fs::create_dir_all(&data_dir).expect("recreate the data dir");
+
+    let mut c0 = cluster.members[0].client().await;
+    let mut sessions = BTreeMap::new();
+    for shard in 0..N_SHARDS {
+        let user = user_on_shard("acme", &format!("d{shard}"), shard, N_SHARDS);
+        for _ in 0..3 * EVERY {
+            let s = create(&mut c0, create_req("acme", &user, "web")).await.session_id;
+            sessions.insert(s, pb::CheckStatus::Valid);
+        }
+    }
+    let revoked = sessions.keys().next().cloned().expect("a session");
+    c0.revoke_session(pb::RevokeSessionRequest {
+        session_id: revoked.clone(),
+        revocation: revocation(pb::ReasonCode::Logout),
+    })
+    .await
+    .expect("revoke");
+    sessions.insert(revoked, pb::CheckStatus::Revoked);
+    // Every survivor snapshotted every shard well past the start of its log, and purged the log
+    // up to `max_in_snapshot_log_to_keep` (EVERY / 4) entries before its snapshot.
+    for m in cluster.members.iter().filter(|m| m.is_running()) {
+        poll_until(&format!("node {} to snapshot every shard", m.id), STATE_DEADLINE, || async {
+            let status = m.status().await;
+            status.shards.iter().all(|s| s.snapshot_index >= 2 * EVERY).then_some(())
+        })
+        .await;
+    }
+
+    cluster.by_id(third).start().await;
+    cluster.wait_ready().await;
+    let client = cluster.by_id(third).client().await;
+    for (id, expected) in &sessions {
+        let r = poll_until(&format!("node {third} to answer {id} itself"), STATE_DEADLINE, || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let r = client.check_session(check_req(&id, "", 0)).await.ok()?.into_inner();
+                (r.freshness.as_ref().map(|f| f.node_id) == Some(third)).then_some(r)
+            }
+        })
+        .await;
+        assert_eq!(r.status(), *expected, "{id}");
+    }
+}
+
 /// Leaderships per node, as every running node reports them; `None` while they disagree or a
 /// shard has no leader.
 async fn leaders_per_node(cluster: &TestCluster) -> Option<BTreeMap<u64, usize>> {

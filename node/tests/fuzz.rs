@@ -22,7 +22,7 @@ use cascade_protocol::command::{Command, Envelope, Reason, Revocation};
 use cascade_protocol::ids::{RefreshToken, SessionId, UserKey};
 use cascade_protocol::{codec, pb, raft_pb};
 use cascade_raft::sm::SnapshotBody;
-use cascade_raft::typ::TypeConfig;
+use cascade_raft::typ::{CascadeNode, TypeConfig};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership, Vote};
 use proptest::prelude::*;
@@ -161,8 +161,9 @@ fn raft_samples() -> Vec<Vec<u8>> {
         data: vec![1, 2, 3, 4],
         done: true,
     };
+    let header = (snapshot.vote, snapshot.meta.clone());
     let encode = |v: &dyn erased::Encode| v.bytes();
-    vec![encode(&append), encode(&vote), encode(&snapshot), encode(&envelope())]
+    vec![encode(&append), encode(&vote), encode(&snapshot), encode(&header), encode(&envelope())]
 }
 
 /// Object-safe encoding of the samples' different types.
@@ -184,14 +185,24 @@ fn raft_payloads() {
         .iter()
         .map(|p| raft_pb::RaftMessage { shard: 1, payload: p.clone() }.encode_to_vec())
         .collect();
+    let batch = raft_pb::RaftBatch {
+        messages: corpus.iter().map(|p| raft_pb::RaftMessage { shard: 2, payload: p.clone() }).collect(),
+    };
     corpus.extend(framed);
+    corpus.push(batch.encode_to_vec());
     fuzz("raft_payloads", cases(200_000), mutated(corpus), |bytes| {
         if let Ok(m) = raft_pb::RaftMessage::decode(bytes.as_slice()) {
             let _ = codec::decode::<AppendEntriesRequest<TypeConfig>>(&m.payload);
         }
+        if let Ok(b) = raft_pb::RaftBatch::decode(bytes.as_slice()) {
+            for m in &b.messages {
+                let _ = codec::decode::<AppendEntriesRequest<TypeConfig>>(&m.payload);
+            }
+        }
         let _ = codec::decode::<AppendEntriesRequest<TypeConfig>>(&bytes);
         let _ = codec::decode::<VoteRequest<u64>>(&bytes);
         let _ = codec::decode::<InstallSnapshotRequest<TypeConfig>>(&bytes);
+        let _ = codec::decode::<(Vote<u64>, SnapshotMeta<u64, CascadeNode>)>(&bytes);
         let _ = codec::decode_envelope(&bytes);
     });
 }

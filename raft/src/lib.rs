@@ -1,6 +1,7 @@
 //! openraft integration for Cascade: the node-wide group-commit log, the sled-backed state
 //! machine, the multi-raft host and the tonic transport. Knows nothing of HTTP, CLI or actors.
 
+pub mod batch;
 pub mod conn;
 pub mod disk;
 pub mod elections;

@@ -1,8 +1,10 @@
 //! Inter-node Raft transport over tonic. One HTTP/2 channel per peer address carries every
 //! shard's traffic (the shard travels in each message); every RPC has a deadline, because a
-//! partition drops traffic silently. Snapshots travel as openraft's chunked install-snapshot
-//! messages, each chunk bounded by `snapshot_max_chunk_size`.
+//! partition drops traffic silently. Append-entries of all shards to a peer share batch calls
+//! (see `batch`). A snapshot travels as one client stream of chunks
+//! (`StreamSnapshot`), installed by the receiver when the stream ends.
 
+use crate::batch::{reply_of, AppendQueues, CallFailure, APPEND_BATCH_MAX};
 use crate::conn::{lazy_channel, Dialer};
 use crate::elections::Elections;
 use crate::freshness::Freshness;
@@ -16,16 +18,23 @@ use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
 use cascade_protocol::raft_pb::{
     ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, HandOverRequest,
-    HandOverResponse, RaftMessage, ReadIndexProof, ReadIndexRequest, ReadIndexResponse,
+    HandOverResponse, RaftBatch, RaftBatchReply, RaftMessage, ReadIndexProof, ReadIndexRequest,
+    ReadIndexResponse, SnapshotChunk,
 };
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io::Cursor;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -47,6 +56,13 @@ pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1_000);
 /// Largest message a peer may send us (snapshot chunks are far below this).
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Data bytes per message of a streamed snapshot.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// A streamed snapshot is given openraft's per-RPC deadline (`install_snapshot_timeout`) for
+/// every this many bytes (the same pace as its chunk-per-call transport with 4 MiB chunks).
+pub const SNAPSHOT_BYTES_PER_TTL: usize = 4 << 20;
+/// Largest snapshot a peer may stream to us (it is held in memory until installed).
+pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
 
 /// Why a peer cannot be reached.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +119,8 @@ pub struct Peers {
     /// Peer address → the address actually dialed for it (a proxy, a tunnel). Peers not in it
     /// are dialed at their own address.
     routes: Arc<BTreeMap<String, String>>,
+    /// Append-entries waiting to share a call to their peer (see `batch`).
+    pub appends: AppendQueues,
     /// Peers whose last connection attempt failed (see `RECONNECT_BACKOFF_MIN`); one entry per
     /// peer address at most.
     backoff: Arc<Mutex<BTreeMap<String, Backoff>>>,
@@ -249,37 +267,86 @@ impl PeerConnection {
         E: std::error::Error + DeserializeOwned,
     {
         let payload = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let channel =
-            self.peers.channel(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut client = RaftTransportClient::new(channel)
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-        let mut request = Request::new(RaftMessage { shard: u32::from(self.shard), payload });
-        request.set_timeout(option.hard_ttl());
+        let msg = RaftMessage { shard: u32::from(self.shard), payload };
         let reply = match kind {
-            RpcKind::Append => client.append_entries(request).await,
-            RpcKind::Vote => client.vote(request).await,
-            RpcKind::Snapshot => client.install_snapshot(request).await,
+            RpcKind::Append => self.peers.appends.call(&self.peers, &self.addr, msg, option.hard_ttl()).await,
+            RpcKind::Vote | RpcKind::Snapshot => self.unary(kind, msg, option.hard_ttl()).await,
         };
-        let reply = match reply {
-            Ok(r) => {
-                self.peers.answered(&self.addr);
-                r.into_inner()
-            }
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                if crate::routing::never_connected(&status) {
-                    self.peers.connect_failed(&self.addr);
-                } else {
-                    self.peers.answered(&self.addr);
-                }
-                return Err(RPCError::Unreachable(Unreachable::new(&status)));
-            }
-            Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
+        let reply = match self.outcome(reply) {
+            Ok(r) => r,
+            Err(Failed::Unreachable(e)) => return Err(RPCError::Unreachable(e)),
+            Err(Failed::Network(e)) => return Err(RPCError::Network(e)),
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
             codec::decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+impl PeerConnection {
+    /// One call of its own (append-entries go through the peer's batch queue instead).
+    async fn unary(
+        &self,
+        kind: RpcKind,
+        msg: RaftMessage,
+        timeout: Duration,
+    ) -> Result<RaftMessage, CallFailure> {
+        let channel = self.peers.channel(&self.addr).map_err(|e| CallFailure::Peer(e.to_string()))?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let mut request = Request::new(msg);
+        request.set_timeout(timeout);
+        let reply = match kind {
+            RpcKind::Append => client.append_entries(request).await,
+            RpcKind::Vote => client.vote(request).await,
+            RpcKind::Snapshot => client.install_snapshot(request).await,
+        };
+        reply.map(Response::into_inner).map_err(CallFailure::Status)
+    }
+
+    /// Note what a call's outcome says about the peer (see `RECONNECT_BACKOFF_MIN`).
+    fn outcome(&self, reply: Result<RaftMessage, CallFailure>) -> Result<RaftMessage, Failed> {
+        match reply {
+            Ok(r) => {
+                self.peers.answered(&self.addr);
+                Ok(r)
+            }
+            Err(CallFailure::Peer(reason)) => {
+                Err(Failed::Unreachable(Unreachable::new(&std::io::Error::other(reason))))
+            }
+            Err(CallFailure::Status(status)) if status.code() == tonic::Code::Unavailable => {
+                if crate::routing::never_connected(&status) {
+                    self.peers.connect_failed(&self.addr);
+                } else {
+                    self.peers.answered(&self.addr);
+                }
+                Err(Failed::Unreachable(Unreachable::new(&status)))
+            }
+            Err(CallFailure::Status(status)) => Err(Failed::Network(NetworkError::new(&status))),
+        }
+    }
+}
+
+/// `data` as a stream of chunks of [`SNAPSHOT_CHUNK_BYTES`] for `shard`, `header` in the first.
+fn snapshot_chunks(shard: u32, header: Vec<u8>, data: Vec<u8>) -> impl futures::Stream<Item = SnapshotChunk> {
+    let n_chunks = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+    let mut header = Some(header);
+    futures::stream::iter((0..n_chunks).map(move |i| {
+        let from = i * SNAPSHOT_CHUNK_BYTES;
+        let to = (from + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        SnapshotChunk {
+            shard,
+            header: header.take().unwrap_or_default(),
+            data: data.get(from..to).unwrap_or_default().to_vec(),
+        }
+    }))
+}
+
+/// Why a call to a peer failed, before its answer was read.
+enum Failed {
+    Unreachable(Unreachable),
+    Network(NetworkError),
 }
 
 #[derive(Clone, Copy)]
@@ -304,6 +371,38 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
         self.call(RpcKind::Snapshot, &rpc, &option).await
+    }
+
+    /// The whole snapshot in one `StreamSnapshot` call (openraft's default sends one call per
+    /// chunk), with openraft's deadline for every [`SNAPSHOT_BYTES_PER_TTL`] bytes.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let header = codec::encode(&(&vote, &snapshot.meta)).map_err(|e| NetworkError::new(&e))?;
+        let data = snapshot.snapshot.into_inner();
+        let ttls = u32::try_from(data.len().div_ceil(SNAPSHOT_BYTES_PER_TTL).max(1)).unwrap_or(u32::MAX);
+        let channel = self.peers.channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
+        let mut client = RaftTransportClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let mut request = Request::new(snapshot_chunks(u32::from(self.shard), header, data));
+        request.set_timeout(option.hard_ttl().saturating_mul(ttls));
+        let reply = tokio::select! {
+            reply = client.stream_snapshot(request) => reply,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = match self.outcome(reply.map(Response::into_inner).map_err(CallFailure::Status)) {
+            Ok(r) => r,
+            Err(Failed::Unreachable(e)) => return Err(StreamingError::Unreachable(e)),
+            Err(Failed::Network(e)) => return Err(StreamingError::Network(e)),
+        };
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
+            codec::decode(&reply.payload).map_err(|e| NetworkError::new(&e))?;
+        result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
     }
 
     async fn vote(
@@ -350,6 +449,16 @@ pub struct TransportServer {
 }
 
 impl TransportServer {
+    async fn append_one(&self, msg: RaftMessage) -> Result<RaftMessage, Status> {
+        let raft = self.shard(&msg)?;
+        let req: AppendEntriesRequest<TypeConfig> = decode_request(&msg)?;
+        consecutive(&req).map_err(|e| {
+            tracing::error!(shard = msg.shard, leader = %req.vote, error = %e, "append-entries refused");
+            Status::invalid_argument(e)
+        })?;
+        reply(msg.shard, &raft.append_entries(req).await).map(Response::into_inner)
+    }
+
     fn shard(&self, msg: &RaftMessage) -> Result<Raft, Status> {
         let shard = ShardId::try_from(msg.shard)
             .map_err(|_| Status::invalid_argument(format!("shard {} out of range", msg.shard)))?;
@@ -388,14 +497,22 @@ fn reply<T: Serialize>(shard: u32, value: &T) -> Result<Response<RaftMessage>, S
 #[tonic::async_trait]
 impl RaftTransport for TransportServer {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = request.into_inner();
-        let raft = self.shard(&msg)?;
-        let req: AppendEntriesRequest<TypeConfig> = decode_request(&msg)?;
-        consecutive(&req).map_err(|e| {
-            tracing::error!(shard = msg.shard, leader = %req.vote, error = %e, "append-entries refused");
-            Status::invalid_argument(e)
-        })?;
-        reply(msg.shard, &raft.append_entries(req).await)
+        self.append_one(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn append_entries_batch(
+        &self,
+        request: Request<RaftBatch>,
+    ) -> Result<Response<RaftBatchReply>, Status> {
+        let batch = request.into_inner();
+        if batch.messages.len() > APPEND_BATCH_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} append-entries in one batch; at most {APPEND_BATCH_MAX}",
+                batch.messages.len()
+            )));
+        }
+        let answers = futures::future::join_all(batch.messages.into_iter().map(|m| self.append_one(m))).await;
+        Ok(Response::new(RaftBatchReply { replies: answers.into_iter().map(reply_of).collect() }))
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -421,6 +538,42 @@ impl RaftTransport for TransportServer {
         let raft = self.shard(&msg)?;
         let req: InstallSnapshotRequest<TypeConfig> = decode_request(&msg)?;
         reply(msg.shard, &raft.install_snapshot(req).await)
+    }
+
+    async fn stream_snapshot(
+        &self,
+        request: Request<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first =
+            chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let raft = self.shard(&RaftMessage { shard: first.shard, payload: Vec::new() })?;
+        let (vote, meta): (Vote<NodeId>, SnapshotMeta<NodeId, CascadeNode>) = codec::decode(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
+        let mut data = first.data;
+        while let Some(chunk) = chunks.message().await? {
+            if chunk.shard != first.shard || !chunk.header.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk for shard {} with a {}-byte header in the stream of shard {}",
+                    chunk.shard,
+                    chunk.header.len(),
+                    first.shard
+                )));
+            }
+            if data.len().saturating_add(chunk.data.len()) > SNAPSHOT_BYTES_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX)"
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        if data.len() > SNAPSHOT_BYTES_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot larger than {SNAPSHOT_BYTES_MAX} bytes"
+            )));
+        }
+        let snapshot = Snapshot { meta, snapshot: Box::new(Cursor::new(data)) };
+        reply(first.shard, &raft.install_full_snapshot(vote, snapshot).await)
     }
 
     async fn propose(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
