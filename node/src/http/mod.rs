@@ -151,6 +151,16 @@ async fn metrics_text(State(state): State<Arc<HttpState>>) -> Response {
     let _ = writeln!(out, "# HELP cascade_watch_subscribers WatchRevocations streams this node serves.");
     let _ = writeln!(out, "# TYPE cascade_watch_subscribers gauge");
     let _ = writeln!(out, "cascade_watch_subscribers {}", ctx.watch.subscribers());
+    let (calls, messages) = ctx.host.peers.appends.stats();
+    let _ = writeln!(out, "# HELP cascade_raft_append_batches_total AppendEntriesBatch calls sent to peers.");
+    let _ = writeln!(out, "# TYPE cascade_raft_append_batches_total counter");
+    let _ = writeln!(out, "cascade_raft_append_batches_total {calls}");
+    let _ = writeln!(
+        out,
+        "# HELP cascade_raft_append_batched_total Append-entries sent to peers in those calls."
+    );
+    let _ = writeln!(out, "# TYPE cascade_raft_append_batched_total counter");
+    let _ = writeln!(out, "cascade_raft_append_batched_total {messages}");
     match ctx.local_status().await {
         Ok(status) => render_shards(&status, &mut out),
         Err(e) => {
