@@ -47,6 +47,9 @@ struct ShardFreshness {
     pending: VecDeque<Proof>,
     /// Latest proof this node obtained as leader (handed to followers that ask).
     leader_proof: Option<Proof>,
+    /// `(term, index)`: the last log index this node held when it was first seen leading the
+    /// shard in `term` (see [`Freshness::leader_floor`]).
+    leader_floor: Option<(u64, u64)>,
 }
 
 /// Freshness of every local replica of a node.
@@ -111,6 +114,25 @@ impl Freshness {
     pub fn clear_leader(&self, shard: ShardId) {
         if let Some(mut s) = self.shard(shard) {
             s.leader_proof = None;
+            s.leader_floor = None;
+        }
+    }
+
+    /// The least read index a leader proof may carry: the leader's last log index when this node
+    /// was first seen leading the shard in `term` (`last_log_index` is what it holds now).
+    /// openraft's read index is `max(committed, the leader's no-op entry)`, but a leader that
+    /// restarts still leading its term (openraft 0.9 restores it at startup) appends no no-op,
+    /// and its committed index comes from storage, where it may lag what was acknowledged before
+    /// the crash; its log holds every acknowledged entry. (The simulator found followers
+    /// answering VALID for a session revoked just before a whole-cluster crash: seeds 221, 435.)
+    pub fn leader_floor(&self, shard: ShardId, term: u64, last_log_index: u64) -> u64 {
+        let Some(mut s) = self.shard(shard) else { return last_log_index };
+        match s.leader_floor {
+            Some((t, floor)) if t == term => floor,
+            _ => {
+                s.leader_floor = Some((term, last_log_index));
+                last_log_index
+            }
         }
     }
 
@@ -162,7 +184,10 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, ro
         let m = raft.metrics().borrow().clone();
         let me: NodeId = m.id;
         match m.current_leader {
-            Some(l) if l == me && m.state.is_leader() => led.push((shard, raft)),
+            Some(l) if l == me && m.state.is_leader() => {
+                let floor = freshness.leader_floor(shard, m.current_term, m.last_log_index.unwrap_or(0));
+                led.push((shard, raft, floor));
+            }
             Some(l) if l == me => freshness.clear_leader(shard),
             Some(l) => {
                 freshness.clear_leader(shard);
@@ -173,14 +198,14 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, ro
             None => freshness.clear_leader(shard),
         }
     }
-    let leaders = futures::future::join_all(led.into_iter().map(|(shard, raft)| {
+    let leaders = futures::future::join_all(led.into_iter().map(|(shard, raft, floor)| {
         let freshness = freshness.clone();
         async move {
             let at_ms = freshness.now_ms();
             if let Ok(Ok((read, _applied))) =
                 tokio::time::timeout(round_timeout, raft.get_read_log_id()).await
             {
-                let read_index = read.map_or(0, |l| l.index);
+                let read_index = read.map_or(0, |l| l.index).max(floor);
                 freshness.record_leader(shard, Proof { at_ms, read_index });
             }
         }
@@ -247,6 +272,18 @@ mod tests {
         assert!(age_ms >= 3, "the age handed to followers grows: {age_ms}");
         f.clear_leader(0);
         assert_eq!(f.leader_proof(0), None);
+    }
+
+    /// P2: a leader's floor is its last log index when first seen leading a term; it holds for
+    /// the term and is taken again in a new term or after it stopped leading.
+    #[tokio::test]
+    async fn the_leader_floor_is_taken_once_per_term() {
+        let f = tracker(60_000);
+        assert_eq!(f.leader_floor(0, 5, 64), 64, "first seen leading term 5 with 64 entries");
+        assert_eq!(f.leader_floor(0, 5, 90), 64, "the same term keeps its floor");
+        assert_eq!(f.leader_floor(0, 6, 95), 95, "a new term takes a new floor");
+        f.clear_leader(0);
+        assert_eq!(f.leader_floor(0, 6, 99), 99, "leading again after stepping down");
     }
 
     /// Pending proofs are bounded.

@@ -54,10 +54,13 @@ fn planted_stale_leader_read_is_caught_by_p2() {
 /// - 77 and 117: leadership handovers for balancing, under a stream of writes, deposed the
 ///   leader without electing the target, again and again (a shard unavailable for 5 s);
 /// - 95: the same, found by final reads during a handover;
-/// - 605: balancing handed over a shard of 5 voters, which the old leader's vote cannot elect.
+/// - 605: balancing handed over a shard of 5 voters, which the old leader's vote cannot elect;
+/// - 221 and 435: after a whole-cluster crash, leaders restored at startup proved freshness
+///   with a read index below writes acknowledged before the crash, and followers answered
+///   VALID for a revoked session (P2).
 #[test]
 fn seeds_that_found_bugs_pass() {
-    for seed in ["77", "81", "95", "117", "605"] {
+    for seed in ["77", "81", "95", "117", "605", "221", "435"] {
         let (ok, out) = sim(&["run", "--seed", seed]);
         assert!(ok && out.contains("verdict: PASS"), "seed {seed}:\n{out}");
     }

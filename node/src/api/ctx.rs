@@ -146,11 +146,28 @@ impl NodeCtx {
 
     /// Wait until this node, as leader, has confirmed with a quorum that it is current and has
     /// applied everything committed (a linearizable read point).
+    /// A leader restored at startup reads at least its floor (see `Freshness::leader_floor`).
     pub async fn linearize(&self, shard: ShardId) -> Result<(), ApiError> {
         let raft = self.raft(shard)?;
-        match tokio::time::timeout(CHECK_TIMEOUT, raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(ApiError::Linearize { shard, reason: e.to_string() }),
+        let floor = {
+            let m = raft.metrics().borrow().clone();
+            m.state.is_leader().then(|| {
+                self.host.freshness.leader_floor(shard, m.current_term, m.last_log_index.unwrap_or(0))
+            })
+        };
+        let read = async {
+            raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
+            if let Some(floor) = floor {
+                raft.wait(Some(CHECK_TIMEOUT))
+                    .applied_index_at_least(Some(floor), "the leader's floor")
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(CHECK_TIMEOUT, read).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(ApiError::Linearize { shard, reason }),
             Err(_) => Err(ApiError::Timeout {
                 shard,
                 timeout_ms: u64::try_from(CHECK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
