@@ -18,7 +18,7 @@ use cascade_protocol::pb::cascade_client::CascadeClient;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::HandOverRequest;
 use cascade_raft::host::RaftHost;
-use cascade_raft::network::PeerChannel;
+use cascade_raft::network::{PeerChannel, PeerError};
 use cascade_raft::routing::{self, ProposeError};
 use cascade_raft::transfer;
 use cascade_raft::typ::Raft;
@@ -233,18 +233,27 @@ impl NodeCtx {
         if leader == self.node_id {
             return Err(self.stale(shard));
         }
-        let channel = self.host.peers.channel(&addr).map_err(|e| ApiError::Forward {
-            shard,
-            leader,
-            reason: e.to_string(),
-        })?;
+        // A client's request is worth one dial: wait out a reconnect backoff (at most
+        // RECONNECT_BACKOFF_MAX, below the request's deadline) rather than refuse at once; right
+        // after the leader restarted, the backoff from while it was down may not be over yet.
+        let channel = match self.host.peers.channel(&addr) {
+            Err(PeerError::BackingOff { retry_in_ms, .. }) => {
+                tokio::time::sleep(Duration::from_millis(retry_in_ms)).await;
+                self.host.peers.channel(&addr)
+            }
+            other => other,
+        }
+        .map_err(|e| ApiError::Forward { shard, leader, reason: e.to_string() })?;
         let mut request = tonic::Request::new(req);
         request.set_timeout(CHECK_TIMEOUT);
         if let Ok(v) = self.node_id.to_string().parse() {
             request.metadata_mut().insert(FORWARDED_HEADER, v);
         }
         match call(CascadeClient::new(channel), request).await {
-            Ok(resp) => Ok(resp.into_inner()),
+            Ok(resp) => {
+                self.host.peers.answered(&addr);
+                Ok(resp.into_inner())
+            }
             Err(status) => {
                 self.shard_map.forget(shard);
                 Err(ApiError::Remote(status))
