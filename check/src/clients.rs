@@ -27,6 +27,14 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// Sessions a probe user gets before the probe moves to the next one (far below the per-user
 /// session limit, so evictions never muddy the oracle).
 const PROBE_SESSIONS_PER_USER: u32 = 20;
+/// How often the revocation sentinel revokes a probe session of every shard.
+pub const SENTINEL_INTERVAL: Duration = Duration::from_millis(1_500);
+/// A probe session this old has reached every replica (the sentinel revokes only those).
+const SENTINEL_SESSION_AGE_MS: u64 = 300;
+/// The sentinel checks a revoked session at every node this long after the revocation bound
+/// passed, and again `SENTINEL_RECHECK` later.
+const SENTINEL_MARGIN: Duration = Duration::from_millis(100);
+const SENTINEL_RECHECK: Duration = Duration::from_millis(1_000);
 /// How often the verifier polls for convergence.
 const CONVERGE_POLL: Duration = Duration::from_millis(250);
 /// How many recently revoked sessions the workload keeps checking.
@@ -465,6 +473,105 @@ async fn probe_shard(w: &Workload, nodes: &Nodes, history: &impl Recorder, shard
         }
         round += 1;
         tokio::time::sleep_until(started + PROBE_INTERVAL).await;
+    }
+}
+
+/// The revocation sentinel: on every shard, every `SENTINEL_INTERVAL`, revokes the latest probe
+/// session (trying the nodes in turn), and once the revocation is acknowledged and `bound` has
+/// passed, checks it at every node, twice. A node cut off from its shard's quorum that still
+/// answers VALID is then caught by P2 whatever the workload happened to check.
+pub async fn sentinel(w: Workload, bound: Duration, connect: Connector, history: impl Recorder) {
+    let nodes = Nodes::new(&w, &connect);
+    sleep_until_ms(&history, w.warmup_ms).await;
+    let shards = (0..w.shards).map(|shard| sentinel_shard(&w, bound, &nodes, &history, shard));
+    futures::future::join_all(shards).await;
+}
+
+async fn sentinel_shard(w: &Workload, bound: Duration, nodes: &Nodes, history: &impl Recorder, shard: u16) {
+    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x5e47_1e1d_0c0f_fee5 ^ u64::from(shard));
+    let mut revoked_last = None;
+    while history.now_ms() < w.stop_at_ms {
+        let started = tokio::time::Instant::now();
+        let target = latest_probe_session(history, shard).filter(|s| revoked_last.as_ref() != Some(s));
+        if let Some(session) = target {
+            revoked_last = Some(session.clone());
+            if revoke_anywhere(w, nodes, history, &session, &mut rng).await {
+                tokio::time::sleep(bound + SENTINEL_MARGIN).await;
+                check_everywhere(w, nodes, history, &session).await;
+                tokio::time::sleep(SENTINEL_RECHECK).await;
+                check_everywhere(w, nodes, history, &session).await;
+            }
+        }
+        tokio::time::sleep_until(started + SENTINEL_INTERVAL).await;
+    }
+}
+
+/// The latest probe session of `shard` created at least `SENTINEL_SESSION_AGE_MS` ago.
+fn latest_probe_session(history: &impl Recorder, shard: u16) -> Option<String> {
+    let now = history.now_ms();
+    history.read(|h| {
+        h.ops.iter().rev().find_map(|op| match (&op.kind, &op.result) {
+            (OpKind::Probe { shard: s, .. }, OpResult::Created { session, .. })
+                if *s == shard && op.complete_ms + SENTINEL_SESSION_AGE_MS <= now =>
+            {
+                Some(session.clone())
+            }
+            _ => None,
+        })
+    })
+}
+
+/// Revokes `session` through the nodes in turn until one acknowledges, within the operation
+/// timeout; records every attempt. Whether it was acknowledged.
+async fn revoke_anywhere(
+    w: &Workload,
+    nodes: &Nodes,
+    history: &impl Recorder,
+    session: &str,
+    rng: &mut StdRng,
+) -> bool {
+    let mut order = nodes.ids.clone();
+    order.shuffle(rng);
+    let deadline = tokio::time::Instant::now() + w.op_timeout();
+    for node in order {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let timeout = left.min(Duration::from_millis(w.probe_attempt_ms));
+        let req =
+            pb::RevokeSessionRequest { session_id: session.to_owned(), revocation: revocation("sentinel") };
+        let invoke_ms = history.now_ms();
+        let result = revoked(timed(timeout, nodes.get(node).revoke_session(request(req, timeout))).await);
+        let ok = matches!(result, OpResult::Revoked { .. });
+        let complete_ms = history.now_ms();
+        let kind = OpKind::RevokeSession { session: session.to_owned() };
+        history.write(|h| {
+            h.ops.push(Op { client: "sentinel".to_owned(), node, invoke_ms, complete_ms, kind, result });
+        });
+        if ok {
+            return true;
+        }
+    }
+    false
+}
+
+/// Checks `session` at every node (not linearizable: each answers from its replica if it can
+/// prove it fresh), one after another; records every answer.
+async fn check_everywhere(w: &Workload, nodes: &Nodes, history: &impl Recorder, session: &str) {
+    let timeout = Duration::from_millis(w.probe_attempt_ms);
+    for &node in &nodes.ids {
+        let req = check_request(session, "", false);
+        let invoke_ms = history.now_ms();
+        let result = match timed(timeout, nodes.get(node).check_session(request(req, timeout))).await {
+            Ok(r) => OpResult::Checked { seen: vec![seen(session, &r)] },
+            Err(s) => OpResult::Refused { code: format!("{:?}", s.code()) },
+        };
+        let complete_ms = history.now_ms();
+        let kind = OpKind::Check { session: session.to_owned() };
+        history.write(|h| {
+            h.ops.push(Op { client: "sentinel".to_owned(), node, invoke_ms, complete_ms, kind, result });
+        });
     }
 }
 

@@ -61,6 +61,8 @@ const FRAME_HEADER_LEN: usize = 8;
 const FORMAT_VERSION: u16 = 1;
 /// Name of the writer thread, as seen in debuggers and `top -H`.
 const WRITER_THREAD_NAME: &str = "cascade-wal";
+/// With the planted bug `ack-before-flush` (simulator only), how often the writer syncs.
+const PLANTED_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Identifier of a shard (one Raft group) within the node.
 pub type ShardId = u32;
@@ -843,14 +845,17 @@ impl<C: WalTypes> Writer<C> {
     /// [`Writer::run`] as a task: the same batches, each sync taking `sync_delay`.
     async fn run_task(mut self, sync_delay: std::time::Duration) {
         let mut shutdown = None;
+        let mut synced_at = tokio::time::Instant::now();
         while shutdown.is_none() {
             let Some(first) = self.rx.recv().await else {
                 break; // every handle dropped
             };
             let mut batch = self.gather(first, &mut shutdown);
             let appended = self.append_batch(&batch);
-            if cascade_core::planted::planted(cascade_core::planted::Bug::AckBeforeFlush) {
-                // Planted bug: tell Raft the entries are durable while they are only written.
+            let lazy = cascade_core::planted::planted(cascade_core::planted::Bug::AckBeforeFlush);
+            if lazy {
+                // Planted bug: tell Raft the entries are durable while they are only written,
+                // and sync at most every PLANTED_FLUSH_EVERY, as a flush timer would.
                 for write in &mut batch {
                     if let Some(done) = write.done.take() {
                         done(Ok(()));
@@ -858,8 +863,10 @@ impl<C: WalTypes> Writer<C> {
                 }
             }
             let result = match appended {
+                Ok(true) if lazy && synced_at.elapsed() < PLANTED_FLUSH_EVERY => Ok(()),
                 Ok(true) => {
                     tokio::time::sleep(sync_delay).await;
+                    synced_at = tokio::time::Instant::now();
                     self.sync_batch()
                 }
                 Ok(false) => Ok(()),

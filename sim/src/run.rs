@@ -337,6 +337,11 @@ fn run_scenario(scenario: Scenario) -> anyhow::Result<Outcome> {
         clients::probe(w, c, h).await;
         Ok(())
     });
+    let (w, c, h) = (workload.clone(), connect.clone(), history.clone());
+    sim.client("sentinel", async move {
+        clients::sentinel(w, Duration::from_millis(REVOCATION_BOUND_MS), c, h).await;
+        Ok(())
+    });
     let (w, c, h) = (workload, connect, history.clone());
     sim.client("verifier", async move {
         clients::verifier(w, c, h).await;
