@@ -226,6 +226,16 @@ async fn leader_loss_elects_a_new_leader_and_loses_nothing() {
         }
     }
     assert_ne!(cluster.leader_of(shard).await, leader);
+
+    // A transfer to the stopped node gives up once it failed to catch up twice (each attempt
+    // holds the shard's writes back), instead of retrying for the whole TRANSFER_TIMEOUT.
+    let err = client
+        .clone()
+        .transfer_leader(pb::TransferLeaderRequest { shard: u32::from(shard), to_node: leader })
+        .await
+        .expect_err("a transfer to a stopped node");
+    assert!(err.message().contains("gave up after 2 attempts"), "{err:?}");
+    assert!(err.message().contains("did not catch up"), "{err:?}");
 }
 
 /// P2: a leader cut off from its quorum stops answering VALID within the revocation bound; a

@@ -4,12 +4,19 @@
 //! call (at most [`APPEND_BATCH_MAX`] messages, [`APPEND_BATCH_BYTES_MAX`] bytes). A quiet link
 //! sends each at once, so batching adds no latency there; a busy one sends fewer, larger calls.
 //! Votes, snapshots and everything else are never batched.
+//!
+//! Limits: a message's time in the queue counts against its own deadline (openraft's append
+//! timeout), so a peer slow to answer one batch, e.g. on a slow fsync, makes the heartbeats of
+//! every shard queued behind it time out together. A peer that does not know
+//! `AppendEntriesBatch` (UNIMPLEMENTED: a node of an older version, during a rolling upgrade)
+//! fails that one batch (openraft retries) and is then sent one call per message, until its queue
+//! goes idle.
 
 use crate::network::{Peers, RAFT_MESSAGE_BYTES_MAX};
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::{RaftBatch, RaftBatchReply, RaftMessage, RaftReply};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
@@ -36,6 +43,9 @@ pub enum CallFailure {
     Peer(String),
     /// The call failed, or the peer refused this message.
     Status(Status),
+    /// This node gave up on the call without an answer from the peer (its queue stopped, or the
+    /// deadline passed): says nothing about whether the peer is reachable.
+    Local(Status),
 }
 
 struct Pending {
@@ -75,13 +85,13 @@ impl AppendQueues {
             match queue.try_send(pending) {
                 Ok(()) => {
                     return answer.await.unwrap_or_else(|_| {
-                        Err(CallFailure::Status(Status::unavailable(format!(
+                        Err(CallFailure::Local(Status::unavailable(format!(
                             "the append-entries queue to {addr} stopped"
                         ))))
                     });
                 }
                 Err(TrySendError::Full(_)) => {
-                    return Err(CallFailure::Status(Status::resource_exhausted(format!(
+                    return Err(CallFailure::Local(Status::resource_exhausted(format!(
                         "{APPEND_QUEUE_MAX} append-entries already wait for {addr} (APPEND_QUEUE_MAX)"
                     ))));
                 }
@@ -94,7 +104,7 @@ impl AppendQueues {
                 }
             }
         }
-        Err(CallFailure::Status(Status::unavailable(format!("no append-entries queue to {addr}"))))
+        Err(CallFailure::Local(Status::unavailable(format!("no append-entries queue to {addr}"))))
     }
 
     /// Batch calls and the messages they carried so far.
@@ -117,13 +127,23 @@ impl AppendQueues {
 /// The task of one peer's queue: gathers what waits into batches and sends each.
 async fn drain(peers: Peers, addr: String, mut rx: mpsc::Receiver<Pending>, stats: Arc<BatchStats>) {
     let calls = Arc::new(Semaphore::new(APPEND_CALLS_IN_FLIGHT));
+    let unary = Arc::new(AtomicBool::new(false));
     let mut carried: Option<Pending> = None;
     loop {
         let first = match carried.take() {
             Some(p) => p,
             None => match tokio::time::timeout(APPEND_QUEUE_IDLE, rx.recv()).await {
                 Ok(Some(p)) => p,
-                Ok(None) | Err(_) => return,
+                Ok(None) => return,
+                Err(_) => {
+                    // Idle: close the queue (senders then start a new one), but first send
+                    // what arrived between the timeout and the close.
+                    rx.close();
+                    match rx.try_recv() {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    }
+                }
             },
         };
         let Ok(permit) = Arc::clone(&calls).acquire_owned().await else { return };
@@ -145,11 +165,23 @@ async fn drain(peers: Peers, addr: String, mut rx: mpsc::Receiver<Pending>, stat
         }
         stats.calls.fetch_add(1, Ordering::Relaxed);
         stats.messages.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        tokio::spawn(send(peers.clone(), addr.clone(), batch, permit));
+        tokio::spawn(send(peers.clone(), addr.clone(), batch, Arc::clone(&unary), permit));
     }
 }
 
-async fn send(peers: Peers, addr: String, batch: Vec<Pending>, _permit: OwnedSemaphorePermit) {
+/// A call's deadline passed with no answer.
+fn late(addr: &str, n: usize) -> Status {
+    Status::deadline_exceeded(format!("{addr} did not answer {n} append-entries in time"))
+}
+
+/// Send one batch; to a peer that does not know batches (`unary`), its messages one by one.
+async fn send(
+    peers: Peers,
+    addr: String,
+    batch: Vec<Pending>,
+    unary: Arc<AtomicBool>,
+    _permit: OwnedSemaphorePermit,
+) {
     let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or_else(tokio::time::Instant::now);
     let (messages, replies): (Vec<RaftMessage>, Vec<_>) = batch.into_iter().map(|p| (p.msg, p.reply)).unzip();
     let channel = match peers.channel(&addr) {
@@ -166,9 +198,31 @@ async fn send(peers: Peers, addr: String, batch: Vec<Pending>, _permit: OwnedSem
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let n = messages.len();
+    if unary.load(Ordering::Relaxed) {
+        // An older peer: one call per message.
+        for (msg, reply) in messages.into_iter().zip(replies) {
+            let mut request = Request::new(msg);
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let answer = tokio::time::timeout_at(deadline, client.append_entries(request)).await;
+            let _ = reply.send(match answer {
+                Ok(a) => a.map(tonic::Response::into_inner).map_err(CallFailure::Status),
+                Err(_) => Err(CallFailure::Local(late(&addr, 1))),
+            });
+        }
+        return;
+    }
     let mut request = Request::new(RaftBatch { messages });
     request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-    match client.append_entries_batch(request).await.map(tonic::Response::into_inner) {
+    let Ok(answered) = tokio::time::timeout_at(deadline, client.append_entries_batch(request)).await else {
+        for reply in replies {
+            let _ = reply.send(Err(CallFailure::Local(late(&addr, n))));
+        }
+        return;
+    };
+    if answered.as_ref().is_err_and(|s| s.code() == tonic::Code::Unimplemented) {
+        unary.store(true, Ordering::Relaxed);
+    }
+    match answered.map(tonic::Response::into_inner) {
         Ok(RaftBatchReply { replies: answers }) if answers.len() == n => {
             for (answer, reply) in answers.into_iter().zip(replies) {
                 let _ = reply.send(answer_of(answer));

@@ -324,6 +324,10 @@ impl PeerConnection {
                 Err(Failed::Unreachable(Unreachable::new(&status)))
             }
             Err(CallFailure::Status(status)) => Err(Failed::Network(NetworkError::new(&status))),
+            Err(CallFailure::Local(status)) if status.code() == tonic::Code::Unavailable => {
+                Err(Failed::Unreachable(Unreachable::new(&status)))
+            }
+            Err(CallFailure::Local(status)) => Err(Failed::Network(NetworkError::new(&status))),
         }
     }
 }
@@ -639,6 +643,7 @@ impl RaftTransport for TransportServer {
             Err(e @ crate::transfer::TransferError::NotVoter { .. }) => {
                 Err(Status::invalid_argument(e.to_string()))
             }
+            Err(e @ crate::transfer::TransferError::Lagging { .. }) => Err(Status::aborted(e.to_string())),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }

@@ -41,6 +41,10 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between two attempts of a transfer, this node waits this long to hear of the new leader.
 pub const TRANSFER_RETRY_PAUSE: Duration = Duration::from_millis(300);
+/// A transfer gives up after this many attempts whose target did not catch up with the log:
+/// each held the shard's writes back for up to `transfer::HANDOVER_DRAIN`, and a target that is
+/// down would stall writes for the whole `TRANSFER_TIMEOUT`.
+pub const TRANSFER_LAGGING_MAX: u32 = 2;
 
 pub struct NodeCtx {
     pub node_id: u64,
@@ -238,7 +242,8 @@ impl NodeCtx {
         // after the leader restarted, the backoff from while it was down may not be over yet.
         let channel = match self.host.peers.channel(&addr) {
             Err(PeerError::BackingOff { retry_in_ms, .. }) => {
-                tokio::time::sleep(Duration::from_millis(retry_in_ms)).await;
+                // `retry_in_ms` is rounded down: one more millisecond is past the backoff.
+                tokio::time::sleep(Duration::from_millis(retry_in_ms.saturating_add(1))).await;
                 self.host.peers.channel(&addr)
             }
             other => other,
@@ -369,19 +374,27 @@ impl NodeCtx {
         let deadline = start + TRANSFER_TIMEOUT;
         let took = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut last_error = String::from("the shard has no leader");
+        let mut lagging = 0;
         while tokio::time::Instant::now() < deadline {
             let leader = raft.metrics().borrow().current_leader;
             let attempt = match leader {
                 Some(l) if l == to => return Ok((to, took())),
                 Some(l) if l == self.node_id => {
-                    transfer::hand_over(&raft, &self.host.peers, shard, to).await.map_err(|e| e.to_string())
+                    transfer::hand_over(&raft, &self.host.peers, shard, to).await.map_err(|e| {
+                        let lagged = matches!(e, transfer::TransferError::Lagging { .. });
+                        (e.to_string(), lagged)
+                    })
                 }
-                Some(l) => self.remote_hand_over(&raft, shard, l, to).await,
-                None => Err(String::from("the shard has no leader")),
+                Some(l) => self.remote_hand_over(&raft, shard, l, to, deadline).await,
+                None => Err((String::from("the shard has no leader"), false)),
             };
-            if let Err(e) = attempt {
+            if let Err((e, lagged)) = attempt {
                 tracing::info!(shard, to, leader, error = %e, "leadership transfer attempt failed");
                 last_error = e;
+                lagging += u32::from(lagged);
+                if lagging >= TRANSFER_LAGGING_MAX {
+                    return Err(fail(format!("gave up after {lagging} attempts: {last_error}")));
+                }
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let waited = raft
@@ -406,23 +419,26 @@ impl NodeCtx {
         Ok(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// Ask `leader`, the shard's leader as this node last heard, to hand it over to `to`.
+    /// Ask `leader`, the shard's leader as this node last heard, to hand it over to `to`, by
+    /// `deadline`. The error says whether the target had not caught up with the log.
     async fn remote_hand_over(
         &self,
         raft: &Raft,
         shard: ShardId,
         leader: u64,
         to: u64,
-    ) -> Result<(), String> {
-        let addr = transfer::voter_addr(raft, shard, leader).map_err(|e| e.to_string())?.addr;
-        let channel = self.host.peers.channel(&addr).map_err(|e| e.to_string())?;
+        deadline: tokio::time::Instant,
+    ) -> Result<(), (String, bool)> {
+        let addr = transfer::voter_addr(raft, shard, leader).map_err(|e| (e.to_string(), false))?.addr;
+        let channel = self.host.peers.channel(&addr).map_err(|e| (e.to_string(), false))?;
         let mut request = tonic::Request::new(HandOverRequest { shard: u32::from(shard), to_node: to });
-        request.set_timeout(transfer::HANDOVER_MAX + CHECK_TIMEOUT);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        request.set_timeout((transfer::HANDOVER_MAX + CHECK_TIMEOUT).min(left));
         RaftTransportClient::new(channel)
             .hand_over(request)
             .await
             .map(|_| ())
-            .map_err(|s| format!("leader {leader}: {}", s.message()))
+            .map_err(|s| (format!("leader {leader}: {}", s.message()), s.code() == tonic::Code::Aborted))
     }
 
     /// Shard-wide watermarks of a shard as last applied here.
