@@ -137,6 +137,7 @@ pub async fn run(
         freshness: host.freshness.clone(),
         votes_from: host.votes_from,
         peers: host.peers.clone(),
+        elections: host.elections.clone(),
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);

@@ -487,6 +487,74 @@ async fn leaderships_spread_out_again_after_a_failover() {
     }
 }
 
+/// P4: with 5 replicas per shard (where the old leader's vote does not elect the target), an
+/// operator's transfer-leader moves a leadership, and balancing spreads them out again, with
+/// writes running and none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_replicas_hand_leadership_over() {
+    const SHARDS: u16 = 5;
+    let cluster = TestCluster::start_with(5, SHARDS, |c| {
+        c.cluster.replicas = 5;
+        c.cluster.leader_balance_ms = 300;
+    })
+    .await;
+    let even = |led: &BTreeMap<u64, usize>| led.values().all(|n| *n == 1);
+    let initial = poll_until("even leaderships", STATE_DEADLINE, || async {
+        leaders_per_node(&cluster).await.filter(even)
+    })
+    .await;
+
+    let writer_client = cluster.members[0].client().await;
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut failed = 0;
+        for i in 0..150 {
+            let mut c = writer_client.clone();
+            match c.create_session(create_req("acme", &format!("f{i}"), "web")).await {
+                Ok(r) => acked.push(r.into_inner().session_id),
+                Err(_) => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failed)
+    });
+
+    let shard = 0;
+    let before = cluster.leader_of(shard).await;
+    let to = *initial.keys().find(|id| **id != before).expect("another node");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.members[0].addr))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .expect("connect");
+    let r = pb::cascade_client::CascadeClient::new(channel)
+        .transfer_leader(pb::TransferLeaderRequest { shard: u32::from(shard), to_node: to })
+        .await
+        .unwrap_or_else(|s| panic!("transfer to {to}: {s:?}"))
+        .into_inner();
+    assert_eq!(r.leader, to);
+    eprintln!("5 replicas: transfer-leader {before} -> {to} took {} ms", r.took_ms);
+
+    // Node `to` now leads two shards and `before` none: balancing hands one over again.
+    let start = Instant::now();
+    let spread = poll_until("leaderships spread out again", STATE_DEADLINE, || async {
+        leaders_per_node(&cluster).await.filter(even)
+    })
+    .await;
+    eprintln!("5 replicas: even again {} ms after the transfer: {spread:?}", start.elapsed().as_millis());
+
+    let (acked, failed) = writer.await.expect("writer");
+    eprintln!("5 replicas: writes during the handovers: {} acknowledged, {failed} failed", acked.len());
+    assert!(acked.len() >= 100, "too few writes succeeded: {} ({failed} failed)", acked.len());
+    for m in &cluster.members {
+        let client = m.client().await;
+        for id in &acked {
+            assert_valid(&check_eventually(&client, id).await, &format!("{id} on node {}", m.id));
+        }
+    }
+}
+
 /// P1/P4: a node joins and another leaves while writes run; replicas move so each shard keeps 3
 /// replicas in distinct regions, and every acknowledged write is still there afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

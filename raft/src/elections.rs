@@ -54,9 +54,29 @@ struct Inner {
     retry_ms: Range<u64>,
     /// The latest candidacy of each shard that got a refusal. Bound: one entry per shard.
     candidacies: Mutex<BTreeMap<ShardId, Candidacy>>,
-    /// Shards whose replica here may not campaign (no quorum in reach). Bound: the shards.
-    gated: Mutex<BTreeSet<ShardId>>,
+    /// Which shards' replicas here may not campaign, and why. Also guards the calls that
+    /// switch openraft's `enable_elect`, so a hold and the drive never undo each other.
+    gates: Mutex<Gates>,
 }
+
+#[derive(Default)]
+struct Gates {
+    /// Shards whose replica here may not campaign (no quorum in reach, or held). Bound: the
+    /// shards.
+    gated: BTreeSet<ShardId>,
+    /// Shards held by a leadership transfer until the instant (see [`Elections::hold`]).
+    /// Bound: the shards.
+    holds: BTreeMap<ShardId, Instant>,
+}
+
+impl Gates {
+    fn held(&self, shard: ShardId, now: Instant) -> bool {
+        self.holds.get(&shard).is_some_and(|until| *until > now)
+    }
+}
+
+/// The longest a leadership transfer may hold this node's campaigns for a shard.
+pub const HOLD_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Default)]
 struct Candidacy {
@@ -104,14 +124,34 @@ impl Elections {
                 shards,
                 retry_ms,
                 candidacies: Mutex::new(BTreeMap::new()),
-                gated: Mutex::new(BTreeSet::new()),
+                gates: Mutex::new(Gates::default()),
             }),
         }
     }
 
-    /// Whether the replica of `shard` here may campaign (it reached a quorum lately).
+    /// Whether the replica of `shard` here may campaign (it reached a quorum lately, and no
+    /// transfer holds it).
     pub fn may_campaign(&self, shard: ShardId) -> bool {
-        !self.inner.gated.lock().unwrap_or_else(|p| p.into_inner()).contains(&shard)
+        !self.inner.gates.lock().unwrap_or_else(|p| p.into_inner()).gated.contains(&shard)
+    }
+
+    /// A leadership transfer asks this replica of `shard` not to start elections of its own for
+    /// `span` (at most [`HOLD_MAX`]); [`drive`] lets it campaign again once the hold is over.
+    /// An election asked for explicitly (`Elect`) still starts.
+    pub fn hold(&self, shard: ShardId, span: Duration) {
+        let until = Instant::now() + span.min(HOLD_MAX);
+        let mut gates = self.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let held = gates.holds.entry(shard).or_insert(until);
+        *held = (*held).max(until);
+        gates.gated.insert(shard);
+        if let Some(raft) = self.inner.shards.get(shard) {
+            raft.runtime_config().elect(false);
+        }
+        tracing::info!(
+            shard,
+            hold_ms = span.min(HOLD_MAX).as_millis() as u64,
+            "campaigns held for a transfer"
+        );
     }
 
     /// Called by the transport with every vote reply of `shard`.
@@ -215,22 +255,18 @@ pub async fn drive(elections: Elections, peers: Peers, me: NodeId, tick: Duratio
             .map(|(id, _)| *id)
             .chain(std::iter::once(me))
             .collect();
+        let mut gates = elections.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.holds.retain(|_, until| *until > now);
         for (shard, raft, joint) in joints {
-            let allow = quorum_in_reach(&joint, &reached);
-            let changed = {
-                let mut gated = elections.inner.gated.lock().unwrap_or_else(|p| p.into_inner());
-                if allow {
-                    gated.remove(&shard)
-                } else {
-                    gated.insert(shard)
-                }
-            };
+            let in_reach = quorum_in_reach(&joint, &reached);
+            let allow = in_reach && !gates.held(shard, now);
+            let changed = if allow { gates.gated.remove(&shard) } else { gates.gated.insert(shard) };
             if changed {
                 raft.runtime_config().elect(allow);
                 if allow {
                     tracing::info!(shard, "a quorum of voters is in reach again: campaigns allowed");
                 } else {
-                    tracing::info!(shard, "no quorum of voters in reach: not campaigning");
+                    tracing::info!(shard, in_reach, "no quorum of voters in reach, or held: not campaigning");
                 }
             }
         }
@@ -286,5 +322,24 @@ mod tests {
         assert!(!quorum_in_reach(&joint, &set(&[1, 2, 3])), "the new configuration lacks a majority");
         assert!(quorum_in_reach(&joint, &set(&[2, 3, 4])));
         assert!(quorum_in_reach(&[set(&[1])], &set(&[1])), "a single voter always may");
+    }
+
+    /// A transfer's hold stops the shard's campaigns here, is capped, and only ever extends.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_stops_campaigns_for_its_span() {
+        let elections = Elections::new(ShardTable::default(), 50, 300);
+        assert!(elections.may_campaign(3));
+        elections.hold(3, Duration::from_secs(60));
+        assert!(!elections.may_campaign(3));
+        assert!(elections.may_campaign(4), "other shards are not held");
+        let gates = elections.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let until = gates.holds[&3];
+        assert!(until <= Instant::now() + HOLD_MAX, "capped at HOLD_MAX");
+        assert!(gates.held(3, Instant::now() + HOLD_MAX - Duration::from_millis(1)));
+        assert!(!gates.held(3, until), "over at its end");
+        drop(gates);
+        elections.hold(3, Duration::from_millis(10));
+        let gates = elections.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(gates.holds[&3], until, "a shorter hold does not cut a longer one short");
     }
 }

@@ -184,6 +184,8 @@ async fn tick(shards: &ShardTable, peers: &Peers, freshness: &Arc<Freshness>, ro
         let m = raft.metrics().borrow().clone();
         let me: NodeId = m.id;
         match m.current_leader {
+            // A handover is letting the leases run out: no read-index round (see transfer.rs).
+            Some(l) if l == me && m.state.is_leader() && crate::transfer::is_quiet(me, shard) => {}
             Some(l) if l == me && m.state.is_leader() => {
                 let floor = freshness.leader_floor(shard, m.current_term, m.last_log_index.unwrap_or(0));
                 led.push((shard, raft, floor));

@@ -163,6 +163,8 @@ pub struct RaftHost {
     /// Channels to peers, shared by Raft traffic, freshness requests and write forwarding.
     pub peers: Peers,
     pub freshness: Arc<Freshness>,
+    /// This node's election helpers (a transfer holds campaigns through them).
+    pub elections: Elections,
     readers: Vec<ShardReader>,
     wal: Wal<TypeConfig>,
     n_shards: u16,
@@ -288,6 +290,7 @@ impl RaftHost {
             shards,
             peers,
             freshness,
+            elections,
             readers,
             wal,
             n_shards: config.n_shards,

@@ -18,8 +18,8 @@ use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
 use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
 use cascade_protocol::raft_pb::{
     ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, HandOverRequest,
-    HandOverResponse, RaftBatch, RaftBatchReply, RaftMessage, ReadIndexProof, ReadIndexRequest,
-    ReadIndexResponse, SnapshotChunk,
+    HandOverResponse, HoldRequest, HoldResponse, RaftBatch, RaftBatchReply, RaftMessage, ReadIndexProof,
+    ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
 };
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
@@ -450,6 +450,8 @@ pub struct TransportServer {
     pub votes_from: tokio::time::Instant,
     /// This node's channels to its peers (a handover asks the target to stand through them).
     pub peers: Peers,
+    /// This node's election helpers (`Hold` goes to them).
+    pub elections: Elections,
 }
 
 impl TransportServer {
@@ -626,6 +628,14 @@ impl RaftTransport for TransportServer {
         let raft = self.shard(&RaftMessage { shard, payload: Vec::new() })?;
         raft.trigger().elect().await.map_err(|e| Status::unavailable(format!("shard {shard}: {e}")))?;
         Ok(Response::new(ElectResponse {}))
+    }
+
+    async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        let r = request.into_inner();
+        self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
+        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        self.elections.hold(shard, Duration::from_millis(u64::from(r.hold_ms)));
+        Ok(Response::new(HoldResponse {}))
     }
 
     async fn hand_over(

@@ -3,14 +3,28 @@
 //! while they hear from a leader). A candidate whose log is behind the leader's loses, and its
 //! higher term still deposes the leader, so the leader first stops its log from growing and
 //! waits until the target has all of it.
+//!
+//! With more than 3 voters the old leader's vote and the target's own are not a majority: the
+//! other voters must grant theirs, and each refuses for a leader lease
+//! (`election_timeout_max`) after it last heard from the leader. So the leader asks every other
+//! voter but the target to hold its own campaigns (`Hold`, so that none stands against it), stops its
+//! heartbeats, lets the leases run out, and only then asks the target to stand. The shard's
+//! writes wait one lease longer than with 3 voters.
 
 use crate::network::Peers;
 use crate::routing::handover_gate;
 use crate::typ::{CascadeNode, NodeId, Raft};
 use cascade_protocol::ids::ShardId;
 use cascade_protocol::raft_pb::raft_transport_client::RaftTransportClient;
-use cascade_protocol::raft_pb::ElectRequest;
+use cascade_protocol::raft_pb::{ElectRequest, HoldRequest};
+use std::collections::BTreeSet;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
+
+/// Voters whose election the old leader's vote and the target's own decide.
+pub const VOTERS_WON_BY_HANDOVER: usize = 3;
+/// A hold outlasts the leases and the election by this much.
+const HOLD_SLACK: Duration = Duration::from_millis(500);
 
 /// A leader handing a shard over waits this long for the writes in flight on it to finish, and
 /// then as long again for the target to have every entry of its log, before asking the target
@@ -26,6 +40,13 @@ pub const HANDOVER_MAX: Duration = HANDOVER_DRAIN
     .saturating_add(HANDOVER_DRAIN)
     .saturating_add(ELECT_RPC_TIMEOUT)
     .saturating_add(TRANSFER_ATTEMPT);
+
+/// Longest a handover of the shard `raft` replicates takes on its leader: [`HANDOVER_MAX`], plus,
+/// with more than 3 voters, the holds and the wait for the leader leases to run out.
+pub fn handover_max(raft: &Raft) -> Duration {
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    HANDOVER_MAX.saturating_add(ELECT_RPC_TIMEOUT).saturating_add(lease).saturating_add(lease)
+}
 
 /// Why a handover did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +65,8 @@ pub enum TransferError {
     Elect { to: NodeId, reason: String },
     #[error("node {to} did not win the election within {TRANSFER_ATTEMPT:?}")]
     Lost { to: NodeId },
+    #[error("voter {voter} did not hold its campaigns: {reason}")]
+    Hold { voter: NodeId, reason: String },
 }
 
 /// The address of voter `to` of the shard `raft` replicates.
@@ -85,12 +108,81 @@ pub async fn hand_over(raft: &Raft, peers: &Peers, shard: ShardId, to: NodeId) -
         .metrics(|m| m.current_leader == Some(node) && matched(m) >= last, "target caught up")
         .await
         .map_err(|_| TransferError::Lagging { to, last, has: matched(&raft.metrics().borrow()) })?;
+    let voters = raft.metrics().borrow().membership_config.membership().voter_ids().collect::<Vec<_>>();
+    // Heartbeats stop while the leases run out, and start again whatever happens next.
+    let _beating = (voters.len() > VOTERS_WON_BY_HANDOVER).then(|| Heartbeats::stop(raft, node, shard));
+    if voters.len() > VOTERS_WON_BY_HANDOVER {
+        let lease = Duration::from_millis(raft.config().election_timeout_max);
+        let span = lease + ELECT_RPC_TIMEOUT + TRANSFER_ATTEMPT + HOLD_SLACK;
+        // The target is not held: should its own timer fire first, its campaign is the one
+        // wanted, and if asking it fails it still stands on its own.
+        let others = voters.iter().filter(|v| **v != node && **v != to);
+        let holds = others.map(|v| hold(raft, peers, shard, *v, span));
+        futures::future::try_join_all(holds).await?;
+        // The last append-entries went out before the holds: a lease after them, every voter
+        // may grant a vote again.
+        tokio::time::sleep(lease + Duration::from_millis(raft.config().heartbeat_interval)).await;
+    }
     elect(peers, shard, to, &target.addr).await?;
     raft.wait(Some(TRANSFER_ATTEMPT))
         .metrics(|m| m.current_leader == Some(to), "transfer")
         .await
         .map(|_| ())
         .map_err(|_| TransferError::Lost { to })
+}
+
+/// Ask `voter` not to campaign for `shard` for `span`.
+async fn hold(
+    raft: &Raft,
+    peers: &Peers,
+    shard: ShardId,
+    voter: NodeId,
+    span: Duration,
+) -> Result<(), TransferError> {
+    let failed = |reason: String| TransferError::Hold { voter, reason };
+    let addr = voter_addr(raft, shard, voter).map_err(|e| failed(e.to_string()))?.addr;
+    let channel = peers.channel(&addr).map_err(|e| failed(e.to_string()))?;
+    let hold_ms = u32::try_from(span.as_millis()).unwrap_or(u32::MAX);
+    let mut request = tonic::Request::new(HoldRequest { shard: u32::from(shard), hold_ms });
+    request.set_timeout(ELECT_RPC_TIMEOUT);
+    RaftTransportClient::new(channel)
+        .hold(request)
+        .await
+        .map(|_| ())
+        .map_err(|s| failed(s.message().to_owned()))
+}
+
+/// Shards whose leader, on the node named, is letting the voters' leader leases run out for a
+/// handover: nothing may confirm its leadership meanwhile (openraft's read-index check sends
+/// append-entries, which renew the leases). Keyed by node as the simulator runs several nodes
+/// in one process. Bound: the shards being handed over.
+static QUIET: LazyLock<Mutex<BTreeSet<(NodeId, ShardId)>>> = LazyLock::new(|| Mutex::new(BTreeSet::new()));
+
+/// Whether `node`, leading `shard`, must not confirm its leadership now (see [`QUIET`]):
+/// freshness proofs and linearizable reads wait until the handover is over.
+pub fn is_quiet(node: NodeId, shard: ShardId) -> bool {
+    QUIET.lock().unwrap_or_else(|p| p.into_inner()).contains(&(node, shard))
+}
+
+/// A leader's heartbeats and leadership confirmations, off until dropped.
+struct Heartbeats<'a> {
+    raft: &'a Raft,
+    key: (NodeId, ShardId),
+}
+
+impl<'a> Heartbeats<'a> {
+    fn stop(raft: &'a Raft, node: NodeId, shard: ShardId) -> Heartbeats<'a> {
+        QUIET.lock().unwrap_or_else(|p| p.into_inner()).insert((node, shard));
+        raft.runtime_config().heartbeat(false);
+        Heartbeats { raft, key: (node, shard) }
+    }
+}
+
+impl Drop for Heartbeats<'_> {
+    fn drop(&mut self) {
+        self.raft.runtime_config().heartbeat(true);
+        QUIET.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 /// Ask node `to` at `addr` to start an election for `shard` now.

@@ -38,6 +38,7 @@ async fn vote_round_trips_and_unknown_shard_fails() {
             freshness: host.freshness.clone(),
             votes_from: host.votes_from,
             peers: host.peers.clone(),
+            elections: host.elections.clone(),
         }))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     let served = tokio::spawn(server);

@@ -20,8 +20,6 @@ use std::time::Duration;
 /// Attempts to reach a shard's leader for one change (leaders move during elections).
 const CHANGE_ATTEMPTS_MAX: usize = 20;
 const CHANGE_RETRY_PAUSE: Duration = Duration::from_millis(250);
-/// Voters a shard may have for leader balancing to hand it over (see `balance_leaders_once`).
-const HANDOVER_VOTERS_MAX: usize = 3;
 
 /// What the cluster looks like from its nodes' status reports.
 struct View {
@@ -121,14 +119,10 @@ impl NodeCtx {
                     None => (None, Vec::new()),
                 };
                 let fresh = view.fresh.get(&shard);
-                // A handover is won with the old leader's vote alone (openraft 0.9 followers
-                // refuse votes while they hear from a leader): a majority only of 3 voters or
-                // fewer. With more, asking would depose the leader without electing the target.
-                let eligible = if voters.len() > HANDOVER_VOTERS_MAX {
-                    Vec::new()
-                } else {
-                    voters.into_iter().filter(|id| fresh.is_some_and(|f| f.contains(id))).collect()
-                };
+                // Shards of more than 3 voters cost a longer handover (see transfer.rs), but
+                // are balanced too.
+                let eligible =
+                    voters.into_iter().filter(|id| fresh.is_some_and(|f| f.contains(id))).collect();
                 ShardLeadership { shard, leader, eligible }
             })
             .collect();

@@ -153,6 +153,10 @@ impl NodeCtx {
     /// A leader restored at startup reads at least its floor (see `Freshness::leader_floor`).
     pub async fn linearize(&self, shard: ShardId) -> Result<(), ApiError> {
         let raft = self.raft(shard)?;
+        if transfer::is_quiet(self.node_id, shard) {
+            // Handing the shard over; confirming the leadership now would keep it.
+            return Err(self.stale(shard));
+        }
         let floor = {
             let m = raft.metrics().borrow().clone();
             m.state.is_leader().then(|| {
@@ -433,7 +437,7 @@ impl NodeCtx {
         let channel = self.host.peers.channel(&addr).map_err(|e| (e.to_string(), false))?;
         let mut request = tonic::Request::new(HandOverRequest { shard: u32::from(shard), to_node: to });
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        request.set_timeout((transfer::HANDOVER_MAX + CHECK_TIMEOUT).min(left));
+        request.set_timeout((transfer::handover_max(raft) + CHECK_TIMEOUT).min(left));
         RaftTransportClient::new(channel)
             .hand_over(request)
             .await
