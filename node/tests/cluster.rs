@@ -595,6 +595,22 @@ async fn nodes_added_and_removed_while_writes_run() {
     for m in &added.moves {
         assert!(m.voters_before.contains(&leaving) && m.voters_after.contains(&joiner_id), "{m:?}");
     }
+    // The replicas moved away from `leaving` are not voters any more: they must not campaign
+    // (their term stays put; a removed replica's election timer keeps firing otherwise).
+    let moved: Vec<u32> = added.moves.iter().map(|m| m.shard).collect();
+    let terms = |s: &pb::NodeStatusResponse| -> Vec<(u32, u64, String)> {
+        s.shards
+            .iter()
+            .filter(|sh| moved.contains(&sh.shard))
+            .map(|sh| (sh.shard, sh.term, sh.role.clone()))
+            .collect()
+    };
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let first = terms(&cluster.by_id(leaving).status().await);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let later = terms(&cluster.by_id(leaving).status().await);
+    eprintln!("moved-away replicas on node {leaving}: {first:?} then {later:?}");
+    assert_eq!(first, later, "a replica moved away kept campaigning");
     let removed = admin
         .remove_node(pb::RemoveNodeRequest { node_id: leaving })
         .await

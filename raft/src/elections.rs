@@ -67,12 +67,26 @@ struct Gates {
     /// Shards held by a leadership transfer until the instant (see [`Elections::hold`]).
     /// Bound: the shards.
     holds: BTreeMap<ShardId, Instant>,
+    /// Shards whose replica here was removed from the voters by a membership committed at the
+    /// index (see [`Elections::retire`]). Bound: the shards.
+    retired: BTreeMap<ShardId, u64>,
 }
 
 impl Gates {
     fn held(&self, shard: ShardId, now: Instant) -> bool {
         self.holds.get(&shard).is_some_and(|until| *until > now)
     }
+
+    /// Whether the replica of `shard`, whose membership here was logged at `membership_index`,
+    /// is retired: a leader removed it at a membership at least as new as ours.
+    fn retired(&self, shard: ShardId, membership_index: u64) -> bool {
+        self.retired.get(&shard).is_some_and(|at| membership_index <= *at)
+    }
+}
+
+/// The index of the membership `raft`'s replica holds (0: none yet).
+fn membership_index(raft: &crate::typ::Raft) -> u64 {
+    raft.metrics().borrow().membership_config.log_id().map_or(0, |l| l.index)
 }
 
 /// The longest a leadership transfer may hold this node's campaigns for a shard.
@@ -133,6 +147,24 @@ impl Elections {
     /// transfer holds it).
     pub fn may_campaign(&self, shard: ShardId) -> bool {
         !self.inner.gates.lock().unwrap_or_else(|p| p.into_inner()).gated.contains(&shard)
+    }
+
+    /// The shard's leader removed this replica of `shard` from the voters, in a membership
+    /// committed at `membership_index`: it stops campaigning (the removing entry never reaches
+    /// it, so its own membership still names it a voter and its election timer keeps firing).
+    /// Ignored if this replica already holds a newer membership; lifted by [`drive`] once it
+    /// does (it was added back). Like every gate, this only withholds campaigns.
+    pub fn retire(&self, shard: ShardId, membership_index: u64) {
+        let Some(raft) = self.inner.shards.get(shard) else { return };
+        let mut gates = self.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if membership_index < self::membership_index(&raft) {
+            return;
+        }
+        let at = gates.retired.entry(shard).or_insert(membership_index);
+        *at = (*at).max(membership_index);
+        gates.gated.insert(shard);
+        raft.runtime_config().elect(false);
+        tracing::info!(shard, membership_index, "removed from the voters: not campaigning");
     }
 
     /// A leadership transfer asks this replica of `shard` not to start elections of its own for
@@ -231,7 +263,8 @@ pub async fn drive(elections: Elections, peers: Peers, me: NodeId, tick: Duratio
                     addrs.insert(*id, node.addr.clone());
                 }
             }
-            joints.push((*shard, raft.clone(), membership.get_joint_config().clone()));
+            let index = m.membership_config.log_id().map_or(0, |l| l.index);
+            joints.push((*shard, raft.clone(), index, membership.get_joint_config().clone()));
         }
         let pings = futures::future::join_all(addrs.into_iter().map(|(id, addr)| {
             let peers = peers.clone();
@@ -257,9 +290,13 @@ pub async fn drive(elections: Elections, peers: Peers, me: NodeId, tick: Duratio
             .collect();
         let mut gates = elections.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
         gates.holds.retain(|_, until| *until > now);
-        for (shard, raft, joint) in joints {
+        for (shard, raft, index, joint) in joints {
+            if gates.retired.contains_key(&shard) && !gates.retired(shard, index) {
+                gates.retired.remove(&shard);
+                tracing::info!(shard, "a newer membership arrived: retirement over");
+            }
             let in_reach = quorum_in_reach(&joint, &reached);
-            let allow = in_reach && !gates.held(shard, now);
+            let allow = in_reach && !gates.held(shard, now) && !gates.retired(shard, index);
             let changed = if allow { gates.gated.remove(&shard) } else { gates.gated.insert(shard) };
             if changed {
                 raft.runtime_config().elect(allow);
@@ -322,6 +359,18 @@ mod tests {
         assert!(!quorum_in_reach(&joint, &set(&[1, 2, 3])), "the new configuration lacks a majority");
         assert!(quorum_in_reach(&joint, &set(&[2, 3, 4])));
         assert!(quorum_in_reach(&[set(&[1])], &set(&[1])), "a single voter always may");
+    }
+
+    /// A removed replica stays retired while its membership is no newer than the one that
+    /// removed it.
+    #[test]
+    fn retirement_lasts_until_a_newer_membership() {
+        let mut gates = Gates::default();
+        gates.retired.insert(3, 10);
+        assert!(gates.retired(3, 7), "the removing entry never reached it");
+        assert!(gates.retired(3, 10));
+        assert!(!gates.retired(3, 11), "added back: a newer membership");
+        assert!(!gates.retired(4, 7), "other shards are not retired");
     }
 
     /// A transfer's hold stops the shard's campaigns here, is capped, and only ever extends.

@@ -19,7 +19,7 @@ use cascade_protocol::raft_pb::raft_transport_server::RaftTransport;
 use cascade_protocol::raft_pb::{
     ChangeVotersRequest, ChangeVotersResponse, ElectRequest, ElectResponse, HandOverRequest,
     HandOverResponse, HoldRequest, HoldResponse, RaftBatch, RaftBatchReply, RaftMessage, ReadIndexProof,
-    ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+    ReadIndexRequest, ReadIndexResponse, RetireRequest, RetireResponse, SnapshotChunk,
 };
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
@@ -58,6 +58,8 @@ pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(1_000);
 pub const RAFT_MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// Data bytes per message of a streamed snapshot.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Deadline of telling a removed replica to stop campaigning (`Retire`).
+pub const RETIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A streamed snapshot is given openraft's per-RPC deadline (`install_snapshot_timeout`) for
 /// every this many bytes (the same pace as its chunk-per-call transport with 4 MiB chunks).
 pub const SNAPSHOT_BYTES_PER_TTL: usize = 4 << 20;
@@ -638,6 +640,14 @@ impl RaftTransport for TransportServer {
         Ok(Response::new(HoldResponse {}))
     }
 
+    async fn retire(&self, request: Request<RetireRequest>) -> Result<Response<RetireResponse>, Status> {
+        let r = request.into_inner();
+        self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
+        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        self.elections.retire(shard, r.membership_index);
+        Ok(Response::new(RetireResponse {}))
+    }
+
     async fn hand_over(
         &self,
         request: Request<HandOverRequest>,
@@ -667,6 +677,38 @@ impl RaftTransport for TransportServer {
 }
 
 impl TransportServer {
+    /// Tell the voters of `before` that the shard's current membership dropped to stop
+    /// campaigning (see `Elections::retire`). Best effort: one call each with a deadline; a
+    /// removed node that is down is told nothing (it was most likely removed for being down).
+    async fn retire_removed(
+        &self,
+        raft: &Raft,
+        shard: u32,
+        before: &openraft::Membership<NodeId, CascadeNode>,
+    ) {
+        let (me, after, index) = {
+            let m = raft.metrics().borrow().clone();
+            let after: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (m.id, after, m.membership_config.log_id().map_or(0, |l| l.index))
+        };
+        let removed = before.voter_ids().filter(|id| !after.contains(id));
+        let calls = removed.filter_map(|id| before.get_node(&id).map(|n| (id, n.addr.clone()))).map(|(id, addr)| async move {
+            if id == me {
+                if let Ok(s) = ShardId::try_from(shard) {
+                    self.elections.retire(s, index);
+                }
+                return;
+            }
+            let Ok(channel) = self.peers.channel(&addr) else { return };
+            let mut request = Request::new(RetireRequest { shard, membership_index: index });
+            request.set_timeout(RETIRE_TIMEOUT);
+            if let Err(s) = RaftTransportClient::new(channel).retire(request).await {
+                tracing::info!(shard, node = id, error = %s.message(), "could not tell a removed replica to stop campaigning");
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
     async fn change_voters_impl(&self, r: ChangeVotersRequest) -> Result<ChangeVotersResponse, Status> {
         let raft = self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
         let voters = r
@@ -674,8 +716,12 @@ impl TransportServer {
             .into_iter()
             .map(|v| (v.node_id, CascadeNode { addr: v.addr, region: v.region }))
             .collect();
+        let before = raft.metrics().borrow().membership_config.membership().clone();
         match crate::membership::change_voters(&raft, voters).await {
-            Ok(()) => Ok(ChangeVotersResponse {}),
+            Ok(()) => {
+                self.retire_removed(&raft, r.shard, &before).await;
+                Ok(ChangeVotersResponse {})
+            }
             Err(e @ crate::membership::MembershipError::NotLeader { .. }) => {
                 Err(Status::failed_precondition(e.to_string()))
             }
