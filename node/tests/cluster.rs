@@ -175,6 +175,44 @@ async fn every_write_kind_replicates_and_any_node_serves() {
     }
 }
 
+/// Creates `n` sessions (users `{prefix}0..`) through `client`, one every 20 ms; the ids
+/// acknowledged and the number of failed writes.
+fn spawn_writer(
+    client: Client,
+    prefix: &'static str,
+    n: usize,
+) -> tokio::task::JoinHandle<(Vec<String>, usize)> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut failed = 0;
+        for i in 0..n {
+            let mut c = client.clone();
+            match c.create_session(create_req("acme", &format!("{prefix}{i}"), "web")).await {
+                Ok(r) => acked.push(r.into_inner().session_id),
+                Err(_) => failed += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failed)
+    })
+}
+
+/// `transfer-leader` of `shard` to `to` through the first node. The server may take up to its
+/// TRANSFER_TIMEOUT (10 s): the call gets a connection with a longer deadline.
+async fn transfer_leader(cluster: &TestCluster, shard: u16, to: u64) -> pb::TransferLeaderResponse {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.members[0].addr))
+        .expect("endpoint")
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .expect("connect");
+    pb::cascade_client::CascadeClient::new(channel)
+        .transfer_leader(pb::TransferLeaderRequest { shard: u32::from(shard), to_node: to })
+        .await
+        .unwrap_or_else(|s| panic!("transfer to {to}: {s:?}"))
+        .into_inner()
+}
+
 /// P4/P1: when a shard's leader stops, another replica takes over and writes through the
 /// survivors continue; nothing acknowledged before is lost. Leadership can be transferred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,22 +221,11 @@ async fn leader_loss_elects_a_new_leader_and_loses_nothing() {
     let shard = 1;
     let user = user_on_shard("acme", "u", shard, N_SHARDS);
 
-    // Transfer leadership of the shard to a node that does not lead it. The server may take up
-    // to its TRANSFER_TIMEOUT (10 s): this call gets a connection with a longer deadline.
+    // Transfer leadership of the shard to a node that does not lead it.
     let mut c0 = cluster.members[0].client().await;
     let before = cluster.leader_of(shard).await;
     let to = cluster.members.iter().map(|m| m.id).find(|id| *id != before).expect("another node");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.members[0].addr))
-        .expect("endpoint")
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .expect("connect");
-    let r = pb::cascade_client::CascadeClient::new(channel)
-        .transfer_leader(pb::TransferLeaderRequest { shard: u32::from(shard), to_node: to })
-        .await
-        .unwrap_or_else(|s| panic!("transfer to {to}: {s:?}"))
-        .into_inner();
+    let r = transfer_leader(&cluster, shard, to).await;
     assert_eq!(r.leader, to);
     eprintln!("transfer-leader {before} -> {to} took {} ms", r.took_ms);
 
@@ -442,20 +469,7 @@ async fn leaderships_spread_out_again_after_a_failover() {
     let initial = poll_until("leaders agreed on", STATE_DEADLINE, || leaders_per_node(&cluster)).await;
     assert!(even(&initial), "placement spreads preferred leaders: {initial:?}");
 
-    let writer_client = cluster.members[0].client().await;
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        let mut failed = 0;
-        for i in 0..300 {
-            let mut c = writer_client.clone();
-            match c.create_session(create_req("acme", &format!("b{i}"), "web")).await {
-                Ok(r) => acked.push(r.into_inner().session_id),
-                Err(_) => failed += 1,
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, failed)
-    });
+    let writer = spawn_writer(cluster.members[0].client().await, "b", 300);
 
     let victim = cluster.members[2].id;
     cluster.by_id(victim).stop().await;
@@ -504,35 +518,12 @@ async fn five_replicas_hand_leadership_over() {
     })
     .await;
 
-    let writer_client = cluster.members[0].client().await;
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        let mut failed = 0;
-        for i in 0..150 {
-            let mut c = writer_client.clone();
-            match c.create_session(create_req("acme", &format!("f{i}"), "web")).await {
-                Ok(r) => acked.push(r.into_inner().session_id),
-                Err(_) => failed += 1,
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, failed)
-    });
+    let writer = spawn_writer(cluster.members[0].client().await, "f", 150);
 
     let shard = 0;
     let before = cluster.leader_of(shard).await;
     let to = *initial.keys().find(|id| **id != before).expect("another node");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.members[0].addr))
-        .expect("endpoint")
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .expect("connect");
-    let r = pb::cascade_client::CascadeClient::new(channel)
-        .transfer_leader(pb::TransferLeaderRequest { shard: u32::from(shard), to_node: to })
-        .await
-        .unwrap_or_else(|s| panic!("transfer to {to}: {s:?}"))
-        .into_inner();
+    let r = transfer_leader(&cluster, shard, to).await;
     assert_eq!(r.leader, to);
     eprintln!("5 replicas: transfer-leader {before} -> {to} took {} ms", r.took_ms);
 
@@ -569,20 +560,7 @@ async fn nodes_added_and_removed_while_writes_run() {
     cluster.members.push(joiner);
     let leaving = cluster.members[2].id;
 
-    let writer_client = cluster.members[0].client().await;
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        let mut failed = 0;
-        for i in 0..150 {
-            let mut c = writer_client.clone();
-            match c.create_session(create_req("acme", &format!("w{i}"), "web")).await {
-                Ok(r) => acked.push(r.into_inner().session_id),
-                Err(_) => failed += 1,
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (acked, failed)
-    });
+    let writer = spawn_writer(cluster.members[0].client().await, "w", 150);
 
     let mut admin = cluster.members[1].client().await;
     let added = admin

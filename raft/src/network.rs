@@ -468,9 +468,16 @@ impl TransportServer {
     }
 
     fn shard(&self, msg: &RaftMessage) -> Result<Raft, Status> {
-        let shard = ShardId::try_from(msg.shard)
-            .map_err(|_| Status::invalid_argument(format!("shard {} out of range", msg.shard)))?;
-        self.shards.get(shard).ok_or_else(|| Status::not_found(format!("shard {shard} is not hosted here")))
+        self.hosted(msg.shard).map(|(_, raft)| raft)
+    }
+
+    /// Shard `shard` of a request, and its replica here.
+    fn hosted(&self, shard: u32) -> Result<(ShardId, Raft), Status> {
+        let id = ShardId::try_from(shard)
+            .map_err(|_| Status::invalid_argument(format!("shard {shard} out of range")))?;
+        let raft =
+            self.shards.get(id).ok_or_else(|| Status::not_found(format!("shard {id} is not hosted here")))?;
+        Ok((id, raft))
     }
 }
 
@@ -555,7 +562,7 @@ impl RaftTransport for TransportServer {
         let mut chunks = request.into_inner();
         let first =
             chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        let raft = self.shard(&RaftMessage { shard: first.shard, payload: Vec::new() })?;
+        let (_, raft) = self.hosted(first.shard)?;
         let (vote, meta): (Vote<NodeId>, SnapshotMeta<NodeId, CascadeNode>) = codec::decode(&first.header)
             .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
         let mut data = first.data;
@@ -627,23 +634,21 @@ impl RaftTransport for TransportServer {
 
     async fn elect(&self, request: Request<ElectRequest>) -> Result<Response<ElectResponse>, Status> {
         let shard = request.into_inner().shard;
-        let raft = self.shard(&RaftMessage { shard, payload: Vec::new() })?;
+        let (_, raft) = self.hosted(shard)?;
         raft.trigger().elect().await.map_err(|e| Status::unavailable(format!("shard {shard}: {e}")))?;
         Ok(Response::new(ElectResponse {}))
     }
 
     async fn hold(&self, request: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
         let r = request.into_inner();
-        self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
-        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        let (shard, _) = self.hosted(r.shard)?;
         self.elections.hold(shard, Duration::from_millis(u64::from(r.hold_ms)));
         Ok(Response::new(HoldResponse {}))
     }
 
     async fn retire(&self, request: Request<RetireRequest>) -> Result<Response<RetireResponse>, Status> {
         let r = request.into_inner();
-        self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
-        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        let (shard, _) = self.hosted(r.shard)?;
         self.elections.retire(shard, r.membership_index);
         Ok(Response::new(RetireResponse {}))
     }
@@ -653,8 +658,7 @@ impl RaftTransport for TransportServer {
         request: Request<HandOverRequest>,
     ) -> Result<Response<HandOverResponse>, Status> {
         let r = request.into_inner();
-        let raft = self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
-        let shard = ShardId::try_from(r.shard).unwrap_or(ShardId::MAX);
+        let (shard, raft) = self.hosted(r.shard)?;
         match crate::transfer::hand_over(&raft, &self.peers, shard, r.to_node).await {
             Ok(()) => Ok(Response::new(HandOverResponse {})),
             Err(e @ crate::transfer::TransferError::NotLeader { .. }) => {
@@ -710,7 +714,7 @@ impl TransportServer {
     }
 
     async fn change_voters_impl(&self, r: ChangeVotersRequest) -> Result<ChangeVotersResponse, Status> {
-        let raft = self.shard(&RaftMessage { shard: r.shard, payload: Vec::new() })?;
+        let (_, raft) = self.hosted(r.shard)?;
         let voters = r
             .voters
             .into_iter()

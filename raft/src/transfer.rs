@@ -109,9 +109,10 @@ pub async fn hand_over(raft: &Raft, peers: &Peers, shard: ShardId, to: NodeId) -
         .await
         .map_err(|_| TransferError::Lagging { to, last, has: matched(&raft.metrics().borrow()) })?;
     let voters = raft.metrics().borrow().membership_config.membership().voter_ids().collect::<Vec<_>>();
+    let wide = voters.len() > VOTERS_WON_BY_HANDOVER;
     // Heartbeats stop while the leases run out, and start again whatever happens next.
-    let _beating = (voters.len() > VOTERS_WON_BY_HANDOVER).then(|| Heartbeats::stop(raft, node, shard));
-    if voters.len() > VOTERS_WON_BY_HANDOVER {
+    let _beating = wide.then(|| Heartbeats::stop(raft, node, shard));
+    if wide {
         let lease = Duration::from_millis(raft.config().election_timeout_max);
         let span = lease + ELECT_RPC_TIMEOUT + TRANSFER_ATTEMPT + HOLD_SLACK;
         // The target is not held: should its own timer fire first, its campaign is the one
