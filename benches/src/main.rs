@@ -71,6 +71,10 @@ enum Scenario {
         /// Measured seconds per load step (default 10; 3 with --quick).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600))]
         step_s: Option<u64>,
+        /// Run only these scenarios (comma-separated: check, check-batch, check-local,
+        /// propagation, revoke, restart, mass-revoke); the load and the footprint always run.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(compare::SCENARIOS))]
+        only: Vec<String>,
     },
 }
 
@@ -101,10 +105,20 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("warning: a debug build; run with --release for numbers worth quoting");
     }
     let q = |full: u64, quick: u64| if args.quick { quick } else { full };
-    if let Scenario::All { no_peers, sessions, step_s } = args.scenario {
+    if let Scenario::All { no_peers, sessions, step_s, only } = args.scenario {
         let mut sizes = if args.quick { compare::Sizes::quick() } else { compare::Sizes::full() };
         if let Some(s) = sessions {
+            // Users get PER_USER sessions each: any other count would load fewer than it says.
+            if !s.is_multiple_of(compare::PER_USER) {
+                anyhow::bail!(
+                    "--sessions must be a multiple of {} (sessions per user), got {s}",
+                    compare::PER_USER
+                );
+            }
             sizes.sessions = s;
+        }
+        if !only.is_empty() {
+            sizes.only = only;
         }
         if let Some(s) = step_s {
             sizes.step = std::time::Duration::from_secs(s);

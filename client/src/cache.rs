@@ -92,18 +92,29 @@ pub struct ShardCacheStatus {
     pub overflow: bool,
 }
 
+/// The maps a check reads. foldhash, not SipHash: a check hashes a session id and, when the
+/// tenant has watermarks, its user and client ids, and SipHash was a third of a check's time.
+/// Keys come from the cluster's revocation events, never from the checks themselves.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct UserMarks {
     watermark_ms: u64,
-    devices: HashMap<String, u64>,
+    devices: Map<String, u64>,
+}
+
+/// A tenant's watermarks: its own, and those of its clients, users and users' devices.
+#[derive(Default)]
+struct TenantMarks {
+    watermark_ms: u64,
+    clients: Map<String, u64>,
+    users: Map<String, UserMarks>,
 }
 
 #[derive(Default)]
 struct ShardState {
-    revoked: HashMap<SessionId, (pb::ReasonCode, u64)>,
-    tenants: HashMap<String, u64>,
-    clients: HashMap<String, HashMap<String, u64>>,
-    users: HashMap<String, HashMap<String, UserMarks>>,
+    revoked: Map<SessionId, (pb::ReasonCode, u64)>,
+    tenants: Map<String, TenantMarks>,
     watermarks: usize,
     cursor: Option<u64>,
     synced: bool,
@@ -113,7 +124,7 @@ struct ShardState {
 }
 
 /// The value of `key` in `map`, made (and counted in `added`) if missing.
-fn slot<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str, added: &mut usize) -> &'m mut V {
+fn slot<'m, V: Default>(map: &'m mut Map<String, V>, key: &str, added: &mut usize) -> &'m mut V {
     if !map.contains_key(key) {
         map.insert(key.to_owned(), V::default());
         *added += 1;
@@ -133,22 +144,21 @@ impl ShardState {
                 added += usize::from(self.revoked.insert(id, (reason, s.expires_at_ms)).is_none());
             }
             Some(What::Watermark(w)) => {
-                let mark = match w.scope() {
-                    pb::WatermarkScope::Tenant => slot(&mut self.tenants, &w.tenant, &mut added),
-                    pb::WatermarkScope::Client => {
-                        let clients = slot(&mut self.clients, &w.tenant, &mut added);
-                        slot(clients, &w.client_id, &mut added)
-                    }
+                let scope = w.scope();
+                if scope == pb::WatermarkScope::Unspecified {
+                    return 0;
+                }
+                let tenant = slot(&mut self.tenants, &w.tenant, &mut added);
+                let mark = match scope {
+                    pb::WatermarkScope::Client => slot(&mut tenant.clients, &w.client_id, &mut added),
                     pb::WatermarkScope::User => {
-                        let users = slot(&mut self.users, &w.tenant, &mut added);
-                        &mut slot(users, &w.user_id, &mut added).watermark_ms
+                        &mut slot(&mut tenant.users, &w.user_id, &mut added).watermark_ms
                     }
                     pb::WatermarkScope::Device => {
-                        let users = slot(&mut self.users, &w.tenant, &mut added);
-                        let user = slot(users, &w.user_id, &mut added);
+                        let user = slot(&mut tenant.users, &w.user_id, &mut added);
                         slot(&mut user.devices, &w.device_id, &mut added)
                     }
-                    pb::WatermarkScope::Unspecified => return 0,
+                    pb::WatermarkScope::Tenant | pb::WatermarkScope::Unspecified => &mut tenant.watermark_ms,
                 };
                 *mark = (*mark).max(w.watermark_ms);
                 self.watermarks += added;
@@ -158,12 +168,21 @@ impl ShardState {
         added
     }
 
+    /// The highest watermark over the claims' tenant, client, user and device. Maps are
+    /// tested for emptiness before they are hashed into: most checks find none.
     fn watermark(&self, c: &Claims<'_>) -> u64 {
-        let tenant = self.tenants.get(c.tenant).copied().unwrap_or(0);
-        let client = self.clients.get(c.tenant).and_then(|m| m.get(c.client_id)).copied().unwrap_or(0);
-        let user = self.users.get(c.tenant).and_then(|m| m.get(c.user_id));
-        let device = user.zip(c.device_id).and_then(|(u, d)| u.devices.get(d)).copied().unwrap_or(0);
-        tenant.max(client).max(user.map_or(0, |u| u.watermark_ms)).max(device)
+        fn get<'m, V>(map: &'m Map<String, V>, key: &str) -> Option<&'m V> {
+            if map.is_empty() {
+                None
+            } else {
+                map.get(key)
+            }
+        }
+        let Some(tenant) = get(&self.tenants, c.tenant) else { return 0 };
+        let client = get(&tenant.clients, c.client_id).copied().unwrap_or(0);
+        let user = get(&tenant.users, c.user_id);
+        let device = user.zip(c.device_id).and_then(|(u, d)| get(&u.devices, d)).copied().unwrap_or(0);
+        tenant.watermark_ms.max(client).max(user.map_or(0, |u| u.watermark_ms)).max(device)
     }
 
     fn staleness(&self, now: Instant) -> Option<Duration> {
@@ -467,6 +486,17 @@ mod tests {
             Verdict::Revoked(pb::ReasonCode::Watermark)
         );
         assert_eq!(cache.check(&other_device, None, 0, 2_000, now).unwrap().verdict, Verdict::Valid);
+        // Other users' watermarks, in the same tenant and on the same shard, leave it valid.
+        let cache = CacheState::new(N, BOUND, 100);
+        let others: Vec<_> = (0..100)
+            .map(|n| format!("user-{n}"))
+            .filter(|u| shard(u) == shard("alice"))
+            .take(3)
+            .map(|u| watermark(&u, pb::WatermarkScope::User, 5_000))
+            .collect();
+        assert_eq!(others.len(), 3);
+        synced(&cache, others, now, 0);
+        assert_eq!(cache.check(&claims(&a, "alice"), None, 0, 2_000, now).unwrap().verdict, Verdict::Valid);
     }
 
     #[test]
