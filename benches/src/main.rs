@@ -19,6 +19,10 @@ mod scenarios;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// The nodes run in this process: the same allocator as the `cascade` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Cascade scenario benchmarks on a local 3-node cluster")]
 struct Args {

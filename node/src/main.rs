@@ -5,6 +5,11 @@
 
 mod cli;
 
+/// mimalloc, not glibc's malloc: allocation was a fifth of a node's CPU under checks; with
+/// mimalloc, checks/s went up 15 to 20% (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
