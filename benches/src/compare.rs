@@ -767,11 +767,18 @@ impl Bench<'_> {
         // The job may count only sessions not yet revoked.
         let at_least = self.sizes.sessions.saturating_sub(self.revoked);
         let result = scenarios::revoke_tenant(self.cluster, TENANT, sample, at_least).await?;
-        let p99 = result["reject_every_replica"]["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        // Judged on the watch streams: the poll's numbers are bounded by its round (BENCHMARKS.md).
+        let applied = result["applied_every_replica_ms"].as_f64().unwrap_or(f64::MAX);
+        let polled = result["reject_every_replica"]["p99_ms"].as_f64().unwrap_or(f64::MAX);
+        let round = result["poll_round_max_ms"].as_f64().unwrap_or(f64::MAX);
         self.targets.push(Target {
             what: format!("mass-revoke over {} sessions p99 < 100 ms", self.sizes.sessions),
-            measured: format!("every replica rejects a sampled session: p99 {p99:.2} ms"),
-            met: Some(p99 < 100.0),
+            measured: format!(
+                "every shard replica applied the watermark {applied:.2} ms after the ack (the last of \
+                 them, by watch); polled, every replica rejects a sampled session: p99 {polled:.2} ms, \
+                 to a round of {round:.1} ms"
+            ),
+            met: Some(applied < 100.0),
         });
         self.extra.insert("mass_revoke".into(), result);
         Ok(())

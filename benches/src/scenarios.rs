@@ -174,9 +174,97 @@ pub async fn mass_revoke(
     Ok(result)
 }
 
+/// One `WatchRevocations` stream per node, each reporting `(node, shard, arrival)` for every
+/// tenant watermark of `tenant` it delivers. A node publishes an event once it has applied the
+/// entry, and from then on its checks read the watermark: the arrival is an upper bound, by the
+/// push alone, of when that node started rejecting the tenant's sessions on that shard.
+/// Returns once every stream has its snapshot of every shard.
+async fn watch_tenant_watermarks(
+    clients: &[CascadeClient<Channel>],
+    n_shards: usize,
+    tenant: &str,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedReceiver<(usize, u32, Instant)>,
+    Vec<tokio::task::AbortHandle>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let ready = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut tasks = Vec::new();
+    for (node, client) in clients.iter().enumerate() {
+        let (mut client, tx, ready, tenant) = (client.clone(), tx.clone(), ready.clone(), tenant.to_owned());
+        let task = tokio::spawn(async move {
+            let mut stream =
+                client.watch_revocations(pb::WatchRevocationsRequest::default()).await?.into_inner();
+            let mut done = HashSet::new();
+            while let Some(m) = stream.message().await? {
+                let now = Instant::now();
+                if done.len() < n_shards {
+                    done.extend(m.snapshot_done.iter().copied());
+                    if done.len() == n_shards {
+                        ready.add_permits(1);
+                    }
+                }
+                for e in &m.events {
+                    if let Some(pb::revocation_event::What::Watermark(w)) = &e.what {
+                        if w.scope() == pb::WatermarkScope::Tenant && w.tenant == tenant {
+                            let _ = tx.send((node, e.shard, now));
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        tasks.push(task.abort_handle());
+    }
+    let ready = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(clients.len() as u32)).await;
+    if !matches!(ready, Ok(Ok(_))) {
+        tasks.iter().for_each(tokio::task::AbortHandle::abort);
+        anyhow::bail!("the watch streams had no snapshot of every shard after {SHOW_DEADLINE:?}");
+    }
+    Ok((rx, tasks))
+}
+
+/// When every node had applied the tenant watermark on every shard, from the watch streams.
+struct Applied {
+    /// Per (node, shard): ack → the watermark event's arrival (0 if it came before the ack).
+    per_replica: hdrhistogram::Histogram<u64>,
+    /// ack → the last (node, shard) to have it: every replica rejects every session of the tenant.
+    every_replica: Duration,
+}
+
+async fn watermark_applied_everywhere(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, u32, Instant)>,
+    nodes: usize,
+    n_shards: usize,
+    acked: Instant,
+) -> anyhow::Result<Applied> {
+    let mut seen: HashMap<(usize, u32), Instant> = HashMap::new();
+    while seen.len() < nodes * n_shards {
+        let left = SHOW_DEADLINE.saturating_sub(acked.elapsed());
+        let Ok(Some((node, shard, at))) = tokio::time::timeout(left, rx.recv()).await else {
+            anyhow::bail!(
+                "{} of {} shard replicas reported the tenant watermark within {SHOW_DEADLINE:?}",
+                seen.len(),
+                nodes * n_shards
+            );
+        };
+        seen.entry((node, shard)).or_insert(at);
+    }
+    let mut per_replica = histogram();
+    let mut every_replica = Duration::ZERO;
+    for at in seen.values() {
+        let after = at.saturating_duration_since(acked);
+        per_replica.record(micros(after))?;
+        every_replica = every_replica.max(after);
+    }
+    Ok(Applied { per_replica, every_replica })
+}
+
 /// Tenant `tenant`, holding at least `sessions` sessions, revoked by one `StartRevokeJob` (a
-/// watermark: one command per shard); `ids` (valid sessions of it) polled on every node until
-/// each answers REVOKED.
+/// watermark: one command per shard). When every replica rejects them is measured twice: by a
+/// watch stream on every node (when each shard replica applied the watermark, to the push), and
+/// by polling `ids` (valid sessions of it) on every node until each answers REVOKED (to a poll
+/// round, and proof that they do).
 pub async fn revoke_tenant(
     cluster: &BenchCluster,
     tenant: &str,
@@ -184,6 +272,8 @@ pub async fn revoke_tenant(
     sessions: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let clients = clients(cluster).await?;
+    let n_shards = usize::from(cluster.n_shards);
+    let (mut watermarks, watchers) = watch_tenant_watermarks(&clients, n_shards, tenant).await?;
     tokio::time::sleep(PAST_BOUND).await;
     for c in &clients {
         let statuses = check_all(c, ids).await?;
@@ -203,7 +293,10 @@ pub async fn revoke_tenant(
     let job = clients[0].clone().start_revoke_job(req).await?.into_inner();
     let acked = Instant::now();
     let ack = acked.duration_since(started);
-    let r = until_revoked_everywhere(&clients, ids, acked, BOUND).await?;
+    let r = until_revoked_everywhere(&clients, ids, acked, BOUND).await;
+    let applied = watermark_applied_everywhere(&mut watermarks, clients.len(), n_shards, acked).await;
+    watchers.iter().for_each(tokio::task::AbortHandle::abort);
+    let (r, applied) = (r?, applied?);
     let info = wait_job_done(&clients[0], &job.job_id).await?;
     let counted = acked.elapsed();
     // A create retried after an unknown outcome may have made one more session: at least
@@ -220,9 +313,16 @@ pub async fn revoke_tenant(
         r.round_max.as_secs_f64() * 1e3,
         r.late_valid
     );
+    println!(
+        "Watch streams: every shard replica on every node had applied the watermark {:.2} ms after \
+         the ack.\n",
+        applied.every_replica.as_secs_f64() * 1e3
+    );
     table_header();
-    let every_json = percentiles("ack → a replica rejects a sampled session", &r.every);
-    let last_json = percentiles("ack → every replica rejects it", &r.last);
+    let applied_json =
+        percentiles("ack → a shard replica applied the watermark (watch)", &applied.per_replica);
+    let every_json = percentiles("ack → a replica rejects a sampled session (poll)", &r.every);
+    let last_json = percentiles("ack → every replica rejects it (poll)", &r.last);
     Ok(json!({
         "scenario": "mass-revoke",
         "sessions": sessions,
@@ -230,6 +330,8 @@ pub async fn revoke_tenant(
         "sampled": ids.len(),
         "ack_ms": ack.as_secs_f64() * 1e3,
         "job_counted_ms": counted.as_secs_f64() * 1e3,
+        "applied_per_shard_replica": applied_json,
+        "applied_every_replica_ms": applied.every_replica.as_secs_f64() * 1e3,
         "reject_per_replica": every_json,
         "reject_every_replica": last_json,
         "poll_round_max_ms": r.round_max.as_secs_f64() * 1e3,
