@@ -138,24 +138,44 @@ impl BenchCluster {
         listener.set_nonblocking(true)?;
         let started = Instant::now();
         *node = Node::spawn(node.config.clone(), listener)?;
+        let node_id = node.config.node_id;
         let checks: Vec<pb::CheckSessionRequest> = ids
             .iter()
             .map(|id| pb::CheckSessionRequest { session_id: id.clone(), ..Default::default() })
             .collect();
+        let mut last = String::from("no answer yet");
         loop {
             anyhow::ensure!(
                 started.elapsed() < READY_DEADLINE,
-                "node {} not serving after {READY_DEADLINE:?}",
-                i + 1
+                "node {node_id} not serving after {READY_DEADLINE:?}; last: {last}"
             );
-            if let Ok(mut c) = connect(addr).await {
-                if let Ok(r) =
+            let answer = match connect(addr).await {
+                Ok(mut c) => {
                     c.check_session_batch(pb::CheckSessionBatchRequest { checks: checks.clone() }).await
-                {
-                    if r.get_ref().results.iter().all(|r| r.status() == pb::CheckStatus::Valid) {
+                }
+                Err(e) => {
+                    last = format!("connect: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            match answer {
+                Ok(r) => {
+                    // Its own answers: not forwarded to another replica while it catches up.
+                    let results = &r.get_ref().results;
+                    let own = |r: &pb::CheckSessionResponse| {
+                        r.freshness.as_ref().is_some_and(|f| f.node_id == node_id)
+                    };
+                    if results.iter().all(|r| r.status() == pb::CheckStatus::Valid && own(r)) {
                         return Ok(started.elapsed());
                     }
+                    last = format!(
+                        "{} of {} checks VALID and answered by node {node_id}",
+                        results.iter().filter(|r| r.status() == pb::CheckStatus::Valid && own(r)).count(),
+                        results.len()
+                    );
                 }
+                Err(status) => last = format!("check: {status}"),
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

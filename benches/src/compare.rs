@@ -525,7 +525,7 @@ impl Bench<'_> {
             let mut latency = histogram();
             let (mut items, mut errors, mut first_error) = (0u64, 0u64, None);
             let started = Instant::now();
-            let mut k = 0u64;
+            let (mut k, mut i) = (0u64, 0usize);
             while started.elapsed() < step {
                 // 1,000 checks per clock reading of the loop. One check in `LOCAL_TIMED_EVERY` is
                 // timed on its own: two clock readings and a histogram record per check would
@@ -535,7 +535,7 @@ impl Bench<'_> {
                     // has just parsed, in its CPU cache, while random picks over the kept ids
                     // (up to 500,000 strings) would time this loop's own cache misses. The
                     // cache's lookups stay random: the ids are.
-                    let i = (k % ids.len() as u64) as usize;
+                    i = if i + 1 < ids.len() { i + 1 } else { 0 };
                     k += 1;
                     let claims = Claims {
                         session_id: &ids[i],

@@ -56,29 +56,46 @@ const HEX_DIGITS: [u8; 256] = {
 };
 const NOT_HEX: u8 = 0xF0;
 
-/// Lowercase hex of at most 16 digits. A session id is parsed on every check, so by hand and
-/// without a branch per digit: 46 ns for a session id, against 80 with `from_str_radix`.
+/// All of `s` is lowercase hex digits (no branch per byte: the loop vectorizes).
+fn all_hex(s: &[u8]) -> bool {
+    s.iter().fold(0u8, |seen, &b| seen | HEX_DIGITS[usize::from(b)]) & NOT_HEX == 0
+}
+
+/// Lowercase hex of at most 16 digits, a digit at a time.
 fn parse_hex_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 16 {
+    if s.is_empty() || s.len() > 16 || !all_hex(s) {
         return None;
     }
-    let (mut v, mut seen) = (0u64, 0u8);
-    for &b in s {
-        let digit = HEX_DIGITS[usize::from(b)];
-        seen |= digit;
-        v = (v << 4) | u64::from(digit & 0x0F);
-    }
-    (seen & NOT_HEX == 0).then_some(v)
+    Some(s.iter().fold(0u64, |v, &b| (v << 4) | u64::from(HEX_DIGITS[usize::from(b)])))
+}
+
+/// Exactly 8 hex digits, already checked with [`all_hex`], eight at once: a session id is parsed
+/// on every check: 25 ns for one, against 46 a digit at a time and 80 with `from_str_radix`.
+fn hex8(s: &[u8; 8]) -> u32 {
+    // The first digit is the lowest byte. '0'..'9' are 0x3_, 'a'..'f' are 0x6_ (bit 6 set):
+    // a digit's value is its low nibble, plus 9 for a letter.
+    let x = u64::from_le_bytes(*s);
+    let v = (x & 0x0F0F_0F0F_0F0F_0F0F) + 9 * ((x >> 6) & 0x0101_0101_0101_0101);
+    // Pairs of digits into bytes, pairs of bytes into 16 bits, then into 32, most significant
+    // first.
+    let v = ((v << 4) | (v >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = ((v << 8) | (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    (((v << 16) | (v >> 32)) & 0xFFFF_FFFF) as u32
 }
 
 /// Lowercase hex of 1 to 32 digits.
 fn parse_hex_u128(s: &str) -> Option<u128> {
     let s = s.as_bytes();
-    if s.len() <= 16 {
-        return parse_hex_u64(s).map(u128::from);
+    if s.is_empty() || s.len() > 32 || !all_hex(s) {
+        return None;
     }
-    let (high, low) = s.split_at(s.len() - 16);
-    Some(u128::from(parse_hex_u64(high)?) << 64 | u128::from(parse_hex_u64(low)?))
+    // The digits before the last multiple of 8, then 8 at a time.
+    let (head, tail) = s.split_at(s.len() % 8);
+    let head = if head.is_empty() { 0 } else { u128::from(parse_hex_u64(head)?) };
+    Some(
+        tail.chunks_exact(8)
+            .fold(head, |v, chunk| (v << 32) | u128::from(hex8(chunk.try_into().expect("chunks of 8")))),
+    )
 }
 
 impl FromStr for SessionId {

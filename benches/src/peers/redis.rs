@@ -23,21 +23,56 @@ pub enum Reply {
 }
 
 pub struct Redis {
+    addr: SocketAddr,
+    /// `None` after a failure: replies may be left unread or half read, so the next call
+    /// connects again rather than read them as its own.
+    conn: Option<Conn>,
+}
+
+struct Conn {
     reader: BufReader<OwnedReadHalf>,
     writer: BufWriter<OwnedWriteHalf>,
 }
 
-impl Redis {
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Redis> {
+impl Conn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connect to redis at {addr}"))?;
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
-        Ok(Redis { reader: BufReader::new(r), writer: BufWriter::new(w) })
+        Ok(Conn { reader: BufReader::new(r), writer: BufWriter::new(w) })
+    }
+}
+
+impl Redis {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Redis> {
+        Ok(Redis { addr, conn: Some(Conn::open(addr).await?) })
     }
 
     /// Sends every command, then reads one reply per command. An error reply is returned as
-    /// [`Reply::Error`], not as `Err` (which means the connection failed).
+    /// [`Reply::Error`], not as `Err` (which means the connection failed; the next call uses a
+    /// new one).
     pub async fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> anyhow::Result<Vec<Reply>> {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => Conn::open(self.addr).await?,
+        };
+        let replies = conn.pipeline(commands).await?;
+        self.conn = Some(conn);
+        Ok(replies)
+    }
+
+    /// One command, its reply; an error reply is an `Err`.
+    pub async fn call(&mut self, args: Vec<&[u8]>) -> anyhow::Result<Reply> {
+        match self.pipeline(&[args]).await?.pop() {
+            Some(Reply::Error(e)) => bail!("redis: {e}"),
+            Some(reply) => Ok(reply),
+            None => bail!("redis: no reply"),
+        }
+    }
+}
+
+impl Conn {
+    async fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> anyhow::Result<Vec<Reply>> {
         for args in commands {
             self.writer.write_all(format!("*{}\r\n", args.len()).as_bytes()).await?;
             for arg in args {
@@ -52,15 +87,6 @@ impl Redis {
             replies.push(self.read_reply().await?);
         }
         Ok(replies)
-    }
-
-    /// One command, its reply; an error reply is an `Err`.
-    pub async fn call(&mut self, args: Vec<&[u8]>) -> anyhow::Result<Reply> {
-        match self.pipeline(&[args]).await?.pop() {
-            Some(Reply::Error(e)) => bail!("redis: {e}"),
-            Some(reply) => Ok(reply),
-            None => bail!("redis: no reply"),
-        }
     }
 
     async fn line(&mut self) -> anyhow::Result<String> {
@@ -99,6 +125,9 @@ impl Redis {
                         }
                         let mut data = vec![0; len + 2];
                         self.reader.read_exact(&mut data).await?;
+                        if !data.ends_with(b"\r\n") {
+                            bail!("redis: a bulk reply of {len} bytes not followed by CRLF");
+                        }
                         data.truncate(len);
                         Reply::Bulk(Some(data))
                     }
