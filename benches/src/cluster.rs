@@ -163,17 +163,16 @@ impl BenchCluster {
                 Ok(r) => {
                     // Its own answers: not forwarded to another replica while it catches up.
                     let results = &r.get_ref().results;
-                    let own = |r: &pb::CheckSessionResponse| {
-                        r.freshness.as_ref().is_some_and(|f| f.node_id == node_id)
+                    let own_valid = |r: &&pb::CheckSessionResponse| {
+                        r.status() == pb::CheckStatus::Valid
+                            && r.freshness.as_ref().is_some_and(|f| f.node_id == node_id)
                     };
-                    if results.iter().all(|r| r.status() == pb::CheckStatus::Valid && own(r)) {
+                    let served = results.iter().filter(own_valid).count();
+                    if served == results.len() {
                         return Ok(started.elapsed());
                     }
-                    last = format!(
-                        "{} of {} checks VALID and answered by node {node_id}",
-                        results.iter().filter(|r| r.status() == pb::CheckStatus::Valid && own(r)).count(),
-                        results.len()
-                    );
+                    last =
+                        format!("{served} of {} checks VALID and answered by node {node_id}", results.len());
                 }
                 Err(status) => last = format!("check: {status}"),
             }

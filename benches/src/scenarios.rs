@@ -174,6 +174,39 @@ pub async fn mass_revoke(
     Ok(result)
 }
 
+/// What a watch stream passes on: the item `pick` made of an event, and the arrival of the
+/// message that carried it.
+type Arrival<T> = (T, Instant);
+
+/// Follows one `WatchRevocations` stream of `client`: adds a permit to `ready` once it has
+/// delivered the snapshot of every one of `n_shards` shards, and sends what `pick` makes of
+/// each event to `tx`. Ends with the stream, or when `tx`'s receiver is gone.
+async fn follow_watch<T>(
+    mut client: CascadeClient<Channel>,
+    n_shards: usize,
+    ready: Arc<tokio::sync::Semaphore>,
+    tx: tokio::sync::mpsc::Sender<Arrival<T>>,
+    pick: impl Fn(&pb::RevocationEvent) -> Option<T>,
+) -> anyhow::Result<()> {
+    let mut stream = client.watch_revocations(pb::WatchRevocationsRequest::default()).await?.into_inner();
+    let mut done = HashSet::new();
+    while let Some(m) = stream.message().await? {
+        let now = Instant::now();
+        if done.len() < n_shards {
+            done.extend(m.snapshot_done.iter().copied());
+            if done.len() == n_shards {
+                ready.add_permits(1);
+            }
+        }
+        for item in m.events.iter().filter_map(&pick) {
+            if tx.send((item, now)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One `WatchRevocations` stream per node, each reporting `(node, shard, arrival)` for every
 /// tenant watermark of `tenant` it delivers. A node publishes an event once it has applied the
 /// entry, and from then on its checks read the watermark: the arrival is an upper bound, by the
@@ -183,37 +216,22 @@ async fn watch_tenant_watermarks(
     clients: &[CascadeClient<Channel>],
     n_shards: usize,
     tenant: &str,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::UnboundedReceiver<(usize, u32, Instant)>,
-    Vec<tokio::task::AbortHandle>,
-)> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+) -> anyhow::Result<(tokio::sync::mpsc::Receiver<Arrival<(usize, u32)>>, Vec<tokio::task::AbortHandle>)> {
+    // Room for a watermark of every shard replica, a few times over.
+    let (tx, rx) = tokio::sync::mpsc::channel(4 * clients.len() * n_shards);
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::new();
     for (node, client) in clients.iter().enumerate() {
-        let (mut client, tx, ready, tenant) = (client.clone(), tx.clone(), ready.clone(), tenant.to_owned());
-        let task = tokio::spawn(async move {
-            let mut stream =
-                client.watch_revocations(pb::WatchRevocationsRequest::default()).await?.into_inner();
-            let mut done = HashSet::new();
-            while let Some(m) = stream.message().await? {
-                let now = Instant::now();
-                if done.len() < n_shards {
-                    done.extend(m.snapshot_done.iter().copied());
-                    if done.len() == n_shards {
-                        ready.add_permits(1);
-                    }
-                }
-                for e in &m.events {
-                    if let Some(pb::revocation_event::What::Watermark(w)) = &e.what {
-                        if w.scope() == pb::WatermarkScope::Tenant && w.tenant == tenant {
-                            let _ = tx.send((node, e.shard, now));
-                        }
-                    }
-                }
+        let tenant = tenant.to_owned();
+        let pick = move |e: &pb::RevocationEvent| match &e.what {
+            Some(pb::revocation_event::What::Watermark(w))
+                if w.scope() == pb::WatermarkScope::Tenant && w.tenant == tenant =>
+            {
+                Some((node, e.shard))
             }
-            Ok::<_, anyhow::Error>(())
-        });
+            _ => None,
+        };
+        let task = tokio::spawn(follow_watch(client.clone(), n_shards, ready.clone(), tx.clone(), pick));
         tasks.push(task.abort_handle());
     }
     let ready = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(clients.len() as u32)).await;
@@ -233,7 +251,7 @@ struct Applied {
 }
 
 async fn watermark_applied_everywhere(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, u32, Instant)>,
+    rx: &mut tokio::sync::mpsc::Receiver<Arrival<(usize, u32)>>,
     nodes: usize,
     n_shards: usize,
     acked: Instant,
@@ -241,7 +259,7 @@ async fn watermark_applied_everywhere(
     let mut seen: HashMap<(usize, u32), Instant> = HashMap::new();
     while seen.len() < nodes * n_shards {
         let left = SHOW_DEADLINE.saturating_sub(acked.elapsed());
-        let Ok(Some((node, shard, at))) = tokio::time::timeout(left, rx.recv()).await else {
+        let Ok(Some(((node, shard), at))) = tokio::time::timeout(left, rx.recv()).await else {
             anyhow::bail!(
                 "{} of {} shard replicas reported the tenant watermark within {SHOW_DEADLINE:?}",
                 seen.len(),
@@ -435,7 +453,7 @@ pub async fn watch_fanout(
     // Subscribers per HTTP/2 connection (a gateway has its own; a few share one here).
     const PER_CONNECTION: usize = 50;
     let wanted: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Instant)>(subscribers * 4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Arrival<usize>>(subscribers * 4);
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::new();
     let mut channel = None;
@@ -444,32 +462,16 @@ pub async fn watch_fanout(
             let node = (s / PER_CONNECTION) % cluster.addrs.len();
             channel = Some(connect(cluster.addrs[node]).await?);
         }
-        let mut client = channel.clone().expect("connected above");
-        let (wanted, tx, ready) = (wanted.clone(), tx.clone(), ready.clone());
-        let n_shards = usize::from(cluster.n_shards);
-        tasks.push(tokio::spawn(async move {
-            let mut stream =
-                client.watch_revocations(pb::WatchRevocationsRequest::default()).await?.into_inner();
-            let mut done = HashSet::new();
-            while let Some(m) = stream.message().await? {
-                let now = Instant::now();
-                if done.len() < n_shards {
-                    done.extend(m.snapshot_done.iter().copied());
-                    if done.len() == n_shards {
-                        ready.add_permits(1);
-                    }
-                }
-                for e in &m.events {
-                    if let Some(pb::revocation_event::What::Session(s)) = &e.what {
-                        let sample = wanted.lock().expect("wanted").get(&s.session_id).copied();
-                        if let Some(sample) = sample {
-                            let _ = tx.send((sample, now)).await;
-                        }
-                    }
-                }
+        let client = channel.clone().expect("connected above");
+        let wanted = wanted.clone();
+        let pick = move |e: &pb::RevocationEvent| match &e.what {
+            Some(pb::revocation_event::What::Session(s)) => {
+                wanted.lock().expect("wanted").get(&s.session_id).copied()
             }
-            Ok::<_, anyhow::Error>(())
-        }));
+            _ => None,
+        };
+        let n_shards = usize::from(cluster.n_shards);
+        tasks.push(tokio::spawn(follow_watch(client, n_shards, ready.clone(), tx.clone(), pick)));
     }
     let subscribed = Instant::now();
     let Ok(all) = tokio::time::timeout(SHOW_DEADLINE, ready.acquire_many(subscribers as u32)).await else {
