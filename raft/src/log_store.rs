@@ -62,7 +62,9 @@ impl<C: WalTypes> RaftLogReader<C> for LogStore<C> {
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
         // Served from memory, which already holds entries whose append has not been synced yet.
-        Ok(self.wal.entries(self.shard, range))
+        self.wal
+            .entries(self.shard, range)
+            .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, &e))
     }
 
     /// What replication sends: only entries consecutive from `start` (see
@@ -72,7 +74,9 @@ impl<C: WalTypes> RaftLogReader<C> for LogStore<C> {
         start: u64,
         end: u64,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
-        Ok(self.wal.consecutive_entries(self.shard, start, end))
+        self.wal
+            .consecutive_entries(self.shard, start, end)
+            .map_err(|e| storage_error(ErrorSubject::Logs, ErrorVerb::Read, &e))
     }
 }
 

@@ -23,6 +23,12 @@
 //! checkpoints the in-memory state into a new segment, syncs it and removes the older segments,
 //! so the log never grows without bound.
 //!
+//! In memory, a shard's live entries are kept encoded, as the bytes their `Append` record holds
+//! for them ([`StoredEntry`]), and decoded on read: a decoded entry took 2-3 times the memory
+//! (its own allocations and the map's slot), and the live entries of 48 shard replicas since
+//! their last snapshots were the largest consumer of a node's heap. The same bytes make the
+//! records, so an entry is encoded once.
+//!
 //! This module must never complete a waiter before the sync covering its record, and must not
 //! block callers on disk I/O other than through the queue's back-pressure.
 
@@ -141,6 +147,10 @@ pub enum WalError {
     /// A record could not be encoded.
     #[error("failed to encode wal record: {0}")]
     Encode(#[from] bincode::error::EncodeError),
+    /// An entry kept in memory could not be decoded (its bytes were encoded by this process:
+    /// a bug, never a disk fault).
+    #[error("failed to decode a log entry kept in memory: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
     /// A record is larger than [`RECORD_BYTES_MAX`].
     #[error("wal record of {len} bytes exceeds the limit of {RECORD_BYTES_MAX} bytes")]
     RecordTooLarge {
@@ -209,31 +219,84 @@ fn encode_frame_limited<C: WalTypes>(record: &Record<'_, C>, max: usize) -> Resu
     Ok(frame)
 }
 
+/// A log entry as a shard's log keeps it in memory: its bincode encoding, exactly as an
+/// `Append` record's list of entries holds it.
+#[derive(Clone)]
+struct StoredEntry {
+    log_id: LogId<u64>,
+    bytes: Box<[u8]>,
+}
+
+impl StoredEntry {
+    fn encode<C: WalTypes>(entry: &Entry<C>) -> Result<StoredEntry, WalError> {
+        let bytes = bincode::serde::encode_to_vec(entry, bincode_config())?;
+        Ok(StoredEntry { log_id: entry.log_id, bytes: bytes.into_boxed_slice() })
+    }
+
+    fn encode_all<C: WalTypes>(entries: &[Entry<C>]) -> Result<Vec<StoredEntry>, WalError> {
+        entries.iter().map(StoredEntry::encode).collect()
+    }
+
+    fn decode<C: WalTypes>(&self) -> Result<Entry<C>, WalError> {
+        let (entry, used): (Entry<C>, usize) =
+            bincode::serde::decode_from_slice(&self.bytes, bincode_config())?;
+        if used != self.bytes.len() {
+            return Err(WalError::Decode(bincode::error::DecodeError::OtherString(format!(
+                "{} trailing bytes after entry {}",
+                self.bytes.len() - used,
+                self.log_id
+            ))));
+        }
+        Ok(entry)
+    }
+}
+
 /// Appends to `buf` the entries as `Append` frames: one if it fits in `max` payload bytes,
 /// otherwise halves until each does. Only a single entry larger than `max` is an error.
+///
+/// The payload is what encoding `Record::Append { shard, entries }` would give: the encoding of
+/// that record with no entries, whose last byte is the list's length 0, with that length
+/// replaced by the real one and the entries' bytes after it (a list is encoded as its length,
+/// then its elements; the test `stored_append_frames_equal_encoded_records` holds it to that).
 fn encode_append<C: WalTypes>(
     buf: &mut Vec<u8>,
     shard: ShardId,
-    entries: &[Entry<C>],
+    entries: &[StoredEntry],
     max: usize,
 ) -> Result<(), WalError> {
-    let record: Record<'_, C> = Record::Append { shard, entries: Cow::Borrowed(entries) };
-    match encode_frame_limited(&record, max) {
-        Ok(frame) if buf.is_empty() => {
-            *buf = frame;
-            Ok(())
-        }
-        Ok(frame) => {
-            buf.extend_from_slice(&frame);
-            Ok(())
-        }
-        Err(WalError::RecordTooLarge { .. }) if entries.len() > 1 => {
-            let (left, right) = entries.split_at(entries.len() / 2);
-            encode_append(buf, shard, left, max)?;
-            encode_append(buf, shard, right, max)
-        }
-        Err(e) => Err(e),
+    let empty: Record<'_, C> = Record::Append { shard, entries: Cow::Borrowed(&[]) };
+    let mut frame = vec![0u8; FRAME_HEADER_LEN];
+    bincode::serde::encode_into_std_write(FORMAT_VERSION, &mut frame, bincode_config())?;
+    bincode::serde::encode_into_std_write(&empty, &mut frame, bincode_config())?;
+    if frame.pop() != Some(0) {
+        return Err(WalError::Encode(bincode::error::EncodeError::Other(
+            "an empty entry list is not encoded as 0",
+        )));
     }
+    bincode::serde::encode_into_std_write(entries.len() as u64, &mut frame, bincode_config())?;
+    let len = frame.len() - FRAME_HEADER_LEN + entries.iter().map(|e| e.bytes.len()).sum::<usize>();
+    if len > max {
+        if entries.len() > 1 {
+            let (left, right) = entries.split_at(entries.len() / 2);
+            encode_append::<C>(buf, shard, left, max)?;
+            return encode_append::<C>(buf, shard, right, max);
+        }
+        return Err(WalError::RecordTooLarge { len });
+    }
+    let len32 = u32::try_from(len).map_err(|_| WalError::RecordTooLarge { len })?;
+    frame.reserve(len + FRAME_HEADER_LEN - frame.len());
+    for e in entries {
+        frame.extend_from_slice(&e.bytes);
+    }
+    let crc = crc32fast::hash(&frame[FRAME_HEADER_LEN..]);
+    frame[0..4].copy_from_slice(&len32.to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    if buf.is_empty() {
+        *buf = frame;
+    } else {
+        buf.extend_from_slice(&frame);
+    }
+    Ok(())
 }
 
 /// A frame that passed its length and checksum checks.
@@ -301,25 +364,34 @@ fn decode_record<C: WalTypes>(segment: SegmentId, frame: &Frame<'_>) -> Result<R
 /// The log of one shard as far as this node knows it.
 struct ShardLog<C: WalTypes> {
     /// Live (not purged) entries by index.
-    entries: BTreeMap<u64, Entry<C>>,
+    entries: BTreeMap<u64, StoredEntry>,
     last_purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
     committed: Option<LogId<u64>>,
     /// Number of writes submitted for this shard since open; lets a checkpoint tell which
     /// queued writes it already covers. Not persisted.
     seq: u64,
+    /// Entries are decoded as `Entry<C>`.
+    types: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C: WalTypes> Default for ShardLog<C> {
     fn default() -> Self {
-        ShardLog { entries: BTreeMap::new(), last_purged: None, vote: None, committed: None, seq: 0 }
+        ShardLog {
+            entries: BTreeMap::new(),
+            last_purged: None,
+            vote: None,
+            committed: None,
+            seq: 0,
+            types: std::marker::PhantomData,
+        }
     }
 }
 
 impl<C: WalTypes> ShardLog<C> {
     // Replay and live writes share these mutations so memory and disk cannot disagree.
 
-    fn append(&mut self, entries: Vec<Entry<C>>) {
+    fn append(&mut self, entries: Vec<StoredEntry>) {
         for entry in entries {
             self.entries.insert(entry.log_id.index, entry);
         }
@@ -385,7 +457,7 @@ fn replay_segment<C: WalTypes>(
         if complete {
             match record {
                 Record::Append { shard, entries } => {
-                    shards.entry(shard).or_default().append(entries.into_owned())
+                    shards.entry(shard).or_default().append(StoredEntry::encode_all(&entries)?)
                 }
                 Record::Truncate { shard, since } => shards.entry(shard).or_default().truncate(since),
                 Record::Purge { shard, upto } => shards.entry(shard).or_default().purge(upto),
@@ -413,7 +485,7 @@ fn replay_segment<C: WalTypes>(
                 }
             }
             (Record::Append { shard, entries }, Some(cp)) => match cp.get_mut(&shard) {
-                Some(log) => log.append(entries.into_owned()),
+                Some(log) => log.append(StoredEntry::encode_all(&entries)?),
                 None => {
                     return Err(corrupt(&format!("checkpoint entries of shard {shard} before its state")))
                 }
@@ -697,11 +769,13 @@ impl<C: WalTypes> Wal<C> {
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) -> Result<(), WalError> {
         // Empty when there are no entries: the write then only waits for the earlier ones.
+        let stored = StoredEntry::encode_all(&entries)?;
+        drop(entries);
         let mut frame = Vec::new();
-        if !entries.is_empty() {
-            encode_append(&mut frame, shard, &entries, RECORD_BYTES_MAX)?;
+        if !stored.is_empty() {
+            encode_append::<C>(&mut frame, shard, &stored, RECORD_BYTES_MAX)?;
         }
-        self.submit(shard, frame, Some(Box::new(done)), move |log| log.append(entries)).await
+        self.submit(shard, frame, Some(Box::new(done)), move |log| log.append(stored)).await
     }
 
     /// Saves the shard's vote; returns once it is durable.
@@ -751,12 +825,12 @@ impl<C: WalTypes> Wal<C> {
     }
 
     /// The shard's live entries with an index in `range`, ascending.
-    pub fn entries(&self, shard: ShardId, range: impl RangeBounds<u64>) -> Vec<Entry<C>> {
+    pub fn entries(&self, shard: ShardId, range: impl RangeBounds<u64>) -> Result<Vec<Entry<C>>, WalError> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => match i.checked_add(1) {
                 Some(i) => i,
-                None => return Vec::new(),
+                None => return Ok(Vec::new()),
             },
             Bound::Unbounded => 0,
         };
@@ -768,11 +842,11 @@ impl<C: WalTypes> Wal<C> {
         };
         // BTreeMap::range panics on inverted ranges, which a caller may well pass.
         if end.is_some_and(|end| end <= start) {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         self.inner.shared.with_shard(shard, |log| match end {
-            Some(end) => log.entries.range(start..end).map(|(_, e)| e.clone()).collect(),
-            None => log.entries.range(start..).map(|(_, e)| e.clone()).collect(),
+            Some(end) => log.entries.range(start..end).map(|(_, e)| e.decode()).collect(),
+            None => log.entries.range(start..).map(|(_, e)| e.decode()).collect(),
         })
     }
 
@@ -781,15 +855,20 @@ impl<C: WalTypes> Wal<C> {
     /// stream reads: openraft sends it as following the entry before `start`, so entries from
     /// further on would reach a follower as if they came next (a gap in its log). A stream
     /// reading a range purged under it gets nothing, sends a heartbeat, and a snapshot next.
-    pub fn consecutive_entries(&self, shard: ShardId, start: u64, end: u64) -> Vec<Entry<C>> {
+    pub fn consecutive_entries(
+        &self,
+        shard: ShardId,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<C>>, WalError> {
         if end <= start {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         self.inner.shared.with_shard(shard, |log| {
             (start..)
                 .zip(log.entries.range(start..end))
                 .take_while(|(expected, (index, _))| *expected == **index)
-                .map(|(_, (_, e))| e.clone())
+                .map(|(_, (_, e))| e.decode())
                 .collect()
         })
     }
@@ -1026,7 +1105,7 @@ impl<C: WalTypes> Writer<C> {
             }
             buf.extend_from_slice(&encode_frame(&state).map_err(io::Error::other)?);
             for chunk in entries.chunks(CHECKPOINT_ENTRIES_PER_RECORD) {
-                encode_append(&mut buf, shard, chunk, RECORD_BYTES_MAX).map_err(io::Error::other)?;
+                encode_append::<C>(&mut buf, shard, chunk, RECORD_BYTES_MAX).map_err(io::Error::other)?;
             }
             count = count.checked_add(1).ok_or_else(|| io::Error::other("too many shards"))?;
             if buf.len() >= CHECKPOINT_WRITE_BYTES {
@@ -1130,7 +1209,12 @@ pub(crate) mod test_support {
             state: wal.log_state(shard),
             vote: wal.read_vote(shard),
             committed: wal.read_committed(shard),
-            entries: wal.entries(shard, ..).iter().map(|e| (e.log_id, payload_text(e))).collect(),
+            entries: wal
+                .entries(shard, ..)
+                .expect("entries decode")
+                .iter()
+                .map(|e| (e.log_id, payload_text(e)))
+                .collect(),
         }
     }
 
@@ -1193,8 +1277,9 @@ mod tests {
     fn oversized_appends_are_split_into_several_records() -> anyhow::Result<()> {
         let entries: Vec<_> =
             (1..=10).map(|i| entry(1, i, &format!("entry-{i:02}-{}", "x".repeat(20)))).collect();
+        let stored = StoredEntry::encode_all(&entries)?;
         let mut bytes = Vec::new();
-        encode_append::<TestConfig>(&mut bytes, 4, &entries, 100)?;
+        encode_append::<TestConfig>(&mut bytes, 4, &stored, 100)?;
         let (frames, tear) = scan_frames(&bytes);
         assert!(tear.is_none());
         assert!(frames.len() > 2, "expected a split, got {} frames", frames.len());
@@ -1211,9 +1296,27 @@ mod tests {
         assert_eq!(indexes, (1..=10).collect::<Vec<_>>());
         // A single entry that cannot fit is refused rather than split.
         assert!(matches!(
-            encode_append::<TestConfig>(&mut Vec::new(), 4, &entries[..1], 10),
+            encode_append::<TestConfig>(&mut Vec::new(), 4, &stored[..1], 10),
             Err(WalError::RecordTooLarge { .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn stored_append_frames_equal_encoded_records() -> anyhow::Result<()> {
+        // 300 entries: the list's length takes more than one byte past 250.
+        for (shard, n) in [(0u32, 1u64), (7, 3), (70_000, 300)] {
+            let entries: Vec<_> = (1..=n).map(|i| entry(2, i, &format!("payload {i}"))).collect();
+            let stored = StoredEntry::encode_all(&entries)?;
+            let mut from_stored = Vec::new();
+            encode_append::<TestConfig>(&mut from_stored, shard, &stored, RECORD_BYTES_MAX)?;
+            let record: Record<'_, TestConfig> = Record::Append { shard, entries: Cow::Borrowed(&entries) };
+            assert_eq!(from_stored, encode_frame(&record)?, "{n} entries of shard {shard}");
+            for (e, s) in entries.iter().zip(&stored) {
+                let back: Entry<TestConfig> = s.decode()?;
+                assert_eq!((back.log_id, payload_text(&back)), (e.log_id, payload_text(e)));
+            }
+        }
         Ok(())
     }
 
@@ -1234,14 +1337,14 @@ mod tests {
     async fn entries_accepts_any_range() -> anyhow::Result<()> {
         let wal = TestWal::open(MemDisk::new(), WalConfig::default())?;
         append_durable(&wal, 0, (1..=5).map(|i| entry(1, i, "x")).collect()).await?;
-        assert_eq!(wal.entries(0, 2..4).len(), 2);
-        assert_eq!(wal.entries(0, 2..=4).len(), 3);
-        assert_eq!(wal.entries(0, (Bound::Included(4), Bound::Excluded(2))).len(), 0);
-        assert_eq!(wal.entries(0, 3..3).len(), 0);
-        assert_eq!(wal.entries(0, ..=u64::MAX).len(), 5);
-        assert_eq!(wal.entries(0, (Bound::Excluded(u64::MAX), Bound::Unbounded)).len(), 0);
-        assert_eq!(wal.entries(0, (Bound::Excluded(1), Bound::Excluded(2))).len(), 0);
-        assert_eq!(wal.entries(1, ..).len(), 0, "unknown shard is empty");
+        assert_eq!(wal.entries(0, 2..4)?.len(), 2);
+        assert_eq!(wal.entries(0, 2..=4)?.len(), 3);
+        assert_eq!(wal.entries(0, (Bound::Included(4), Bound::Excluded(2)))?.len(), 0);
+        assert_eq!(wal.entries(0, 3..3)?.len(), 0);
+        assert_eq!(wal.entries(0, ..=u64::MAX)?.len(), 5);
+        assert_eq!(wal.entries(0, (Bound::Excluded(u64::MAX), Bound::Unbounded))?.len(), 0);
+        assert_eq!(wal.entries(0, (Bound::Excluded(1), Bound::Excluded(2)))?.len(), 0);
+        assert_eq!(wal.entries(1, ..)?.len(), 0, "unknown shard is empty");
         wal.shutdown().await?;
         Ok(())
     }
@@ -1280,11 +1383,11 @@ mod tests {
         assert_eq!(before[&1].entries.len(), 20);
         // What replication reads: a range reaching into the purged prefix yields nothing, not
         // the entries after it.
-        assert_eq!(wal.entries(0, 3..10).first().map(|e| e.log_id.index), Some(6));
-        assert!(wal.consecutive_entries(0, 3, 10).is_empty());
-        let from_6 = wal.consecutive_entries(0, 6, 10);
+        assert_eq!(wal.entries(0, 3..10)?.first().map(|e| e.log_id.index), Some(6));
+        assert!(wal.consecutive_entries(0, 3, 10)?.is_empty());
+        let from_6 = wal.consecutive_entries(0, 6, 10)?;
         assert_eq!(from_6.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
-        assert!(wal.consecutive_entries(0, 9, 9).is_empty());
+        assert!(wal.consecutive_entries(0, 9, 9)?.is_empty());
         wal.shutdown().await?;
         drop(wal);
 
@@ -1320,7 +1423,7 @@ mod tests {
         let full_len = fs::metadata(&path)?.len();
         fs::OpenOptions::new().write(true).open(&path)?.set_len(full_len - 3)?;
         let wal = TestWal::open(FileDisk::open(dir.path())?, WalConfig::default())?;
-        let ids: Vec<u64> = wal.entries(0, ..).iter().map(|e| e.log_id.index).collect();
+        let ids: Vec<u64> = wal.entries(0, ..)?.iter().map(|e| e.log_id.index).collect();
         assert_eq!(ids, vec![1, 2]);
         let cut_len = fs::metadata(&path)?.len();
         assert!(cut_len < full_len - 3, "the partial record must be cut off the file");
@@ -1337,7 +1440,7 @@ mod tests {
         fs::write(&path, &bytes)?;
         let wal = TestWal::open(FileDisk::open(dir.path())?, WalConfig::default())?;
         let got: Vec<(u64, String)> =
-            wal.entries(0, ..).iter().map(|e| (e.log_id.index, payload_text(e))).collect();
+            wal.entries(0, ..)?.iter().map(|e| (e.log_id.index, payload_text(e))).collect();
         assert_eq!(got.len(), 3);
         assert_eq!(got[2].1, "rewritten");
         wal.shutdown().await?;
@@ -1348,7 +1451,7 @@ mod tests {
         bytes.extend_from_slice(&[0x13, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
         fs::write(&path, &bytes)?;
         let wal = TestWal::open(FileDisk::open(dir.path())?, WalConfig::default())?;
-        assert_eq!(wal.entries(0, ..).len(), 3);
+        assert_eq!(wal.entries(0, ..)?.len(), 3);
         wal.shutdown().await?;
         Ok(())
     }
@@ -1479,7 +1582,7 @@ mod tests {
         })
         .await?;
         // Readable at once, as openraft requires, though not durable.
-        assert_eq!(wal.entries(0, 2..3).len(), 1);
+        assert_eq!(wal.entries(0, 2..3)?.len(), 1);
         let vote_wal = wal.clone();
         let vote = tokio::spawn(async move { vote_wal.save_vote(0, &Vote::new(2, 1)).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1489,7 +1592,7 @@ mod tests {
         // Power loss now: only what was acknowledged may, and must, survive.
         let survivor = disk.crash();
         let reopened = TestWal::open(survivor, WalConfig::default())?;
-        let got: Vec<u64> = reopened.entries(0, ..).iter().map(|e| e.log_id.index).collect();
+        let got: Vec<u64> = reopened.entries(0, ..)?.iter().map(|e| e.log_id.index).collect();
         assert_eq!(got, vec![1]);
         assert_eq!(reopened.read_vote(0), Some(Vote::new(1, 1)));
         reopened.shutdown().await?;
@@ -1577,7 +1680,7 @@ mod tests {
         println!("group commit on FileDisk: {total} appends from {SHARDS} shards used {syncs} syncs");
         assert!(syncs * 4 < total, "{syncs} syncs for {total} appends");
         for shard in 0..SHARDS {
-            assert_eq!(wal.entries(shard, ..).len() as u64, APPENDS);
+            assert_eq!(wal.entries(shard, ..)?.len() as u64, APPENDS);
         }
         wal.shutdown().await?;
         Ok(())
@@ -1700,7 +1803,7 @@ mod tests {
         drop(wal);
         let wal = TestWal::open(disk, config)?;
         assert_eq!(dump(&wal), before);
-        assert_eq!(wal.entries(0, ..).len() as u64, APPENDS);
+        assert_eq!(wal.entries(0, ..)?.len() as u64, APPENDS);
         wal.shutdown().await?;
         Ok(())
     }
@@ -1718,7 +1821,7 @@ mod tests {
         assert!(append_durable(&wal, 0, vec![entry(1, 3, "still-failing")]).await.is_err());
         wal.shutdown().await?;
         let wal = TestWal::open(disk.crash(), WalConfig::default())?;
-        assert_eq!(wal.entries(0, ..).len(), 1);
+        assert_eq!(wal.entries(0, ..)?.len(), 1);
         wal.shutdown().await?;
         Ok(())
     }
@@ -1738,7 +1841,7 @@ mod tests {
         assert!(matches!(wal.append(0, vec![], |_| ()).await, Err(WalError::Closed)));
         wal.shutdown().await?; // idempotent
         let wal = TestWal::open(disk.crash(), WalConfig::default())?;
-        assert_eq!(wal.entries(0, ..).len(), 1);
+        assert_eq!(wal.entries(0, ..)?.len(), 1);
         wal.shutdown().await?;
         Ok(())
     }
@@ -1762,7 +1865,7 @@ mod tests {
         tokio::time::sleep(sync_delay / 2).await;
         assert_eq!(outcome.load(Ordering::SeqCst), 0, "acknowledged inside the sync window");
         let crashed = TestWal::open(disk.crash(), WalConfig::default())?;
-        assert_eq!(crashed.entries(0, ..).len(), 1, "the unsynced entry must not survive");
+        assert_eq!(crashed.entries(0, ..)?.len(), 1, "the unsynced entry must not survive");
         crashed.shutdown().await?;
 
         // The pre-crash writer syncs on a dead disk: its waiter fails, never acknowledged.
