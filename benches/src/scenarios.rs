@@ -218,7 +218,7 @@ async fn watch_tenant_watermarks(
     tenant: &str,
 ) -> anyhow::Result<(tokio::sync::mpsc::Receiver<Arrival<(usize, u32)>>, Vec<tokio::task::AbortHandle>)> {
     // Room for a watermark of every shard replica, a few times over.
-    let (tx, rx) = tokio::sync::mpsc::channel(4 * clients.len() * n_shards);
+    let (tx, rx) = tokio::sync::mpsc::channel((4 * clients.len() * n_shards).max(1));
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::new();
     for (node, client) in clients.iter().enumerate() {

@@ -477,25 +477,17 @@ impl ShardStateMachine {
     /// encoded by the same codec, so they are copied, not decoded and encoded again (decoded,
     /// a shard's users took several times their bytes, and decoding them held up the state
     /// machine's task). The test `raw_snapshot_body_equals_the_encoded_body` holds it to that.
+    /// The values are not checked here: a value this replica cannot decode would fail the
+    /// replica's own reads of that user first, and fails the snapshot's install on a follower
+    /// (`SnapshotBody::decode`), never a check.
     fn read_body_bytes(&self) -> Result<Vec<u8>, StorageError> {
         let mut users = Vec::new();
-        let mut count = 0u64;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.tree.scan(PREFIX_USER, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.0.clone());
-            for (_, v) in &page {
-                users.extend_from_slice(v);
-            }
-            count += page.len() as u64;
-            if page.len() < SNAPSHOT_SCAN_PAGE {
-                break;
-            }
-        }
+        let count = self.scan_all(PREFIX_USER, |_, v| {
+            users.extend_from_slice(v);
+            Ok(())
+        })?;
         let mut body = encoded(&self.meta)?;
         body.extend_from_slice(&encoded(&count)?);
-        body.reserve(users.len());
         body.extend_from_slice(&users);
         drop(users);
         let (jobs, audit) = self.read_jobs_and_audit()?;
@@ -508,18 +500,10 @@ impl ShardStateMachine {
     #[cfg(test)]
     fn read_body(&self) -> Result<SnapshotBody, StorageError> {
         let mut users = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.tree.scan(PREFIX_USER, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.0.clone());
-            for (_, v) in &page {
-                users.push(codec::decode::<UserState>(v).map_err(read_err)?);
-            }
-            if page.len() < SNAPSHOT_SCAN_PAGE {
-                break;
-            }
-        }
+        self.scan_all(PREFIX_USER, |_, v| {
+            users.push(codec::decode::<UserState>(v).map_err(read_err)?);
+            Ok(())
+        })?;
         let (jobs, audit) = self.read_jobs_and_audit()?;
         Ok(SnapshotBody { meta: self.meta.clone(), users, jobs, audit })
     }
@@ -529,22 +513,36 @@ impl ShardStateMachine {
     fn read_jobs_and_audit(&self) -> Result<(Vec<Job>, Vec<(u64, u32, AuditRecord)>), StorageError> {
         let jobs = self.reader().jobs().map_err(read_err)?;
         let mut audit = Vec::new();
+        self.scan_all(PREFIX_AUDIT, |k, v| {
+            let (_, index, position) = audit_key_parts(k).ok_or_else(|| read_err("malformed audit key"))?;
+            audit.push((index, position, codec::decode::<AuditRecord>(v).map_err(read_err)?));
+            Ok(())
+        })?;
+        Ok((jobs, audit))
+    }
+
+    /// Calls `each` with every key and value under `prefix`, in key order, reading
+    /// [`SNAPSHOT_SCAN_PAGE`] at a time; returns how many there were.
+    fn scan_all(
+        &self,
+        prefix: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
+        let mut count = 0u64;
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page =
-                self.tree.scan(PREFIX_AUDIT, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
+            let page = self.tree.scan(prefix, after.as_deref(), SNAPSHOT_SCAN_PAGE).map_err(read_err)?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
             for (k, v) in &page {
-                let (_, index, position) =
-                    audit_key_parts(k).ok_or_else(|| read_err("malformed audit key"))?;
-                audit.push((index, position, codec::decode::<AuditRecord>(v).map_err(read_err)?));
+                each(k, v)?;
             }
+            count += page.len() as u64;
             if page.len() < SNAPSHOT_SCAN_PAGE {
                 break;
             }
         }
-        Ok((jobs, audit))
+        Ok(count)
     }
 }
 

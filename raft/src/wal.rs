@@ -74,7 +74,7 @@ const PLANTED_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_milli
 pub type ShardId = u32;
 
 /// Raft type configurations whose logs the WAL can store: numeric node ids, openraft's own
-/// entry type and cloneable application data (entries are cloned out of memory on reads).
+/// entry type and cloneable application data (kept encoded in memory, decoded on reads).
 pub trait WalTypes: RaftTypeConfig<NodeId = u64, Entry = Entry<Self>, D: Clone> {}
 
 impl<C> WalTypes for C where C: RaftTypeConfig<NodeId = u64, Entry = Entry<C>, D: Clone> {}
