@@ -18,8 +18,6 @@ pub trait KvTree: Send + Sync + 'static {
     fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()>;
     /// Up to `limit` entries with `prefix`, strictly after `after` (a full key) if given.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
-    /// Remove every key with `prefix`.
-    fn clear_prefix(&self, prefix: &[u8]) -> io::Result<()>;
     /// Make everything written so far survive a power loss.
     fn sync(&self) -> io::Result<()>;
 }
@@ -109,14 +107,6 @@ impl KvTree for SledTree {
         Ok(out)
     }
 
-    fn clear_prefix(&self, prefix: &[u8]) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for item in self.tree.scan_prefix(prefix) {
-            batch.remove(item.map_err(sled_io)?.0);
-        }
-        self.tree.apply_batch(batch).map_err(sled_io)
-    }
-
     fn sync(&self) -> io::Result<()> {
         self.db.flush().map_err(sled_io)?;
         sync_dir_files(&self.dir)
@@ -183,11 +173,6 @@ impl KvTree for MemTree {
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
-    }
-
-    fn clear_prefix(&self, prefix: &[u8]) -> io::Result<()> {
-        self.lock().written.retain(|k, _| !k.starts_with(prefix));
-        Ok(())
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -521,6 +521,33 @@ impl ShardStateMachine {
         Ok((jobs, audit))
     }
 
+    /// `writes` (the deletes of the replica's state), then the pointers, users, sessions, jobs,
+    /// audit records and snapshot meta of an installed snapshot `body` (the pointers already
+    /// set from it).
+    fn snapshot_writes(
+        &self,
+        mut writes: Vec<Write>,
+        meta: &SnapshotMeta,
+        body: &SnapshotBody,
+    ) -> Result<Vec<Write>, StorageError> {
+        writes.extend(self.pointer_writes()?);
+        writes.push((KEY_EVENTS_AFTER.to_vec(), Some(encoded(&self.events_after)?)));
+        for user in &body.users {
+            for id in user.sessions.keys() {
+                writes.push((session_key_bytes(id), Some(encoded(&user.key)?)));
+            }
+            writes.push((user_key_bytes(&user.key), Some(encoded(user)?)));
+        }
+        for job in &body.jobs {
+            writes.push((job_key(job.id), Some(encoded(job)?)));
+        }
+        for (index, position, record) in &body.audit {
+            writes.push((audit_key(record.at_ms, *index, *position), Some(encoded(record)?)));
+        }
+        writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
+        Ok(writes)
+    }
+
     /// Calls `each` with every key and value under `prefix`, in key order, reading
     /// [`SNAPSHOT_SCAN_PAGE`] at a time; returns how many there were.
     fn scan_all(
@@ -815,34 +842,32 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let data = snapshot.into_inner();
         let body = SnapshotBody::decode(&data)
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
-        self.tree.clear_prefix(PREFIX_USER).map_err(write_err)?;
-        self.tree.clear_prefix(PREFIX_SESSION).map_err(write_err)?;
-        self.tree.clear_prefix(PREFIX_EVENT).map_err(write_err)?;
-        self.tree.clear_prefix(PREFIX_JOB).map_err(write_err)?;
-        self.tree.clear_prefix(PREFIX_AUDIT).map_err(write_err)?;
-        self.meta = body.meta;
+        // Deletes of the replica's state and the snapshot's state go in one batch: a crash in
+        // between must not leave the state cleared under the old applied index.
+        let mut writes = Vec::new();
+        for prefix in [PREFIX_USER, PREFIX_SESSION, PREFIX_EVENT, PREFIX_JOB, PREFIX_AUDIT] {
+            self.scan_all(prefix, |k, _| {
+                writes.push((k.to_vec(), None));
+                Ok(())
+            })?;
+        }
+        let old = (self.meta.clone(), self.applied, self.membership.clone(), self.events_after);
+        let data_len = data.len() as u64;
+        self.meta = body.meta.clone();
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         // A snapshot carries state, not history: events before it are not on this replica.
         self.events_after = self.applied.map_or(0, |l| l.index);
-        let mut writes = self.pointer_writes()?;
-        writes.push((KEY_EVENTS_AFTER.to_vec(), Some(encoded(&self.events_after)?)));
-        for user in &body.users {
-            for id in user.sessions.keys() {
-                writes.push((session_key_bytes(id), Some(encoded(&user.key)?)));
-            }
-            writes.push((user_key_bytes(&user.key), Some(encoded(user)?)));
+        let written = self.snapshot_writes(writes, meta, &body).and_then(|mut writes| {
+            writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
+            self.tree.apply_batch(writes).map_err(write_err)
+        });
+        if let Err(e) = written {
+            // Nothing was written: the replica keeps the state it had.
+            (self.meta, self.applied, self.membership, self.events_after) = old;
+            return Err(e);
         }
-        for job in &body.jobs {
-            writes.push((job_key(job.id), Some(encoded(job)?)));
-        }
-        for (index, position, record) in &body.audit {
-            writes.push((audit_key(record.at_ms, *index, *position), Some(encoded(record)?)));
-        }
-        writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
-        self.shared.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
-        writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
-        self.tree.apply_batch(writes).map_err(write_err)?;
+        self.shared.snapshot_bytes.store(data_len, Ordering::Relaxed);
         self.tree.sync().map_err(write_err)?;
         self.publish();
         if let Some(observer) = &self.observer {
@@ -1057,6 +1082,62 @@ mod tests {
         let copy = fresh.reader();
         assert_eq!(copy.job(42).expect("read"), Some(job));
         assert_eq!(copy.audit(0, u64::MAX, 10, |_| true).expect("audit").0, all);
+    }
+
+    /// A tree whose batches fail while `fail` is set (a disk that stopped taking writes).
+    struct FailingTree {
+        inner: Arc<MemTree>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl KvTree for FailingTree {
+        fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+            self.inner.get(key)
+        }
+        fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(io::Error::other("the disk stopped taking writes"));
+            }
+            self.inner.apply_batch(writes)
+        }
+        fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan(prefix, after, limit)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    /// Installing a snapshot clears the replica's state and writes the snapshot's in one batch:
+    /// when that batch fails, the replica (and what a restart reads) is as it was, not cleared
+    /// under its old applied index.
+    #[tokio::test]
+    async fn a_failed_snapshot_install_leaves_the_replica_as_it_was() {
+        let mut source =
+            ShardStateMachine::open(0, Arc::new(MemTree::default()), Limits::default(), None).expect("open");
+        source.apply(vec![watermark(1, "a"), watermark(2, "b"), watermark(3, "c")]).await.expect("apply");
+        let snapshot = source.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        let inner = Arc::new(MemTree::default());
+        let tree = Arc::new(FailingTree { inner: inner.clone(), fail: false.into() });
+        let mut replica = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
+        replica.apply(vec![watermark(1, "x")]).await.expect("apply");
+        let before = replica.reader().audit(0, u64::MAX, 10, |_| true).expect("audit").0;
+        assert_eq!(before.len(), 1);
+        tree.fail.store(true, Ordering::SeqCst);
+        assert!(replica.install_snapshot(&snapshot.meta, snapshot.snapshot).await.is_err());
+        tree.fail.store(false, Ordering::SeqCst);
+        let (applied, _) = replica.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(1), "the live replica keeps its applied index");
+        let mut reopened = ShardStateMachine::open(0, inner, Limits::default(), None).expect("reopen");
+        let (applied, _) = reopened.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|l| l.index), Some(1));
+        assert_eq!(reopened.reader().audit(0, u64::MAX, 10, |_| true).expect("audit").0, before);
     }
 
     /// The snapshot body built from the stored users' bytes is the encoding of the decoded
