@@ -1,6 +1,6 @@
-//! Storage seam of the state machine: an ordered key-value tree with atomic batches and an
-//! explicit durability point. [`SledTree`] is the production backend; [`MemTree`] the in-memory
-//! twin for tests and the simulator.
+//! Storage seam of the state machine: an ordered key-value tree with batches that are atomic
+//! across a crash and an explicit durability point. [`SledTree`] is the production backend;
+//! [`MemTree`] the in-memory twin for tests and the simulator.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,7 +14,10 @@ pub type Write = (Vec<u8>, Option<Vec<u8>>);
 /// An ordered key-value tree, one per shard.
 pub trait KvTree: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
-    /// Apply every write or none.
+    /// Apply every write, or after a crash none. Readers running meanwhile may see some of the
+    /// writes before the others (each key changes atomically); the state machine publishes its
+    /// applied index only after the batch, and readers that need a consistent cut bound
+    /// themselves by it.
     fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()>;
     /// Up to `limit` entries with `prefix`, strictly after `after` (a full key) if given.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
@@ -23,17 +26,133 @@ pub trait KvTree: Send + Sync + 'static {
 }
 
 /// A shard's tree inside the node's sled database.
+///
+/// Batches are not sled batches: `sled::Tree::apply_batch` (and sled's transactions) take a
+/// process-wide write lock, and once one has run, every read and write in the process takes the
+/// read side of it, so the applies of every shard ran one at a time and checks waited behind
+/// them (measured; BENCHMARKS.md). Instead a batch is first written whole, as one value, under
+/// [`REDO_KEY`] in the shard's redo tree, then key by key. sled recovers a prefix of its writes
+/// in order after a crash, so the redo record on disk is always the last batch any of whose
+/// writes survived; [`SledTree::open`] writes it again, key by key (absolute values: doing it
+/// twice is harmless), which completes a batch a crash cut short. No sled batch or transaction
+/// may run anywhere in the process, or the lock comes back for every read.
 pub struct SledTree {
     db: sled::Db,
     tree: sled::Tree,
+    redo: sled::Tree,
+    /// One batch at a time per shard (the state machine's apply and a snapshot build overlap).
+    writing: Mutex<()>,
     dir: PathBuf,
 }
 
+/// The one key of a shard's redo tree: its last batch, encoded by [`encode_redo`].
+const REDO_KEY: &[u8] = b"batch";
+/// First byte of an encoded redo record.
+const REDO_FORMAT: u8 = 1;
+
 impl SledTree {
+    /// Open the shard tree `name` (and its redo tree), completing a batch a crash cut short.
     pub fn open(db: &sled::Db, dir: &Path, name: &str) -> io::Result<Self> {
         let tree = db.open_tree(name).map_err(sled_io)?;
-        Ok(SledTree { db: db.clone(), tree, dir: dir.to_owned() })
+        let redo = db.open_tree(format!("{name}.redo")).map_err(sled_io)?;
+        if let Some(record) = redo.get(REDO_KEY).map_err(sled_io)? {
+            let writes = decode_redo(&record).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("redo record of {name}: {e}"))
+            })?;
+            write_each(&tree, writes)?;
+        }
+        Ok(SledTree { db: db.clone(), tree, redo, writing: Mutex::new(()), dir: dir.to_owned() })
     }
+
+    /// What a crash after `survived` of the batch's writes leaves: the redo record and the first
+    /// writes (in the order [`KvTree::apply_batch`] makes them).
+    #[cfg(test)]
+    fn apply_cut_short(&self, writes: Vec<Write>, survived: usize) -> io::Result<()> {
+        let writes = last_write_per_key(writes);
+        self.redo.insert(REDO_KEY, encode_redo(&writes)?).map_err(sled_io)?;
+        write_each(&self.tree, writes.into_iter().take(survived))
+    }
+}
+
+/// The batch's writes with only the last one per key, puts before deletes: a reader meanwhile
+/// sees a key replaced, never missing in between (a snapshot install deletes every key and
+/// writes most of them again).
+fn last_write_per_key(writes: Vec<Write>) -> Vec<Write> {
+    let last: BTreeMap<Vec<u8>, Option<Vec<u8>>> = writes.into_iter().collect();
+    let (puts, deletes): (Vec<Write>, Vec<Write>) = last.into_iter().partition(|(_, v)| v.is_some());
+    puts.into_iter().chain(deletes).collect()
+}
+
+fn write_each(tree: &sled::Tree, writes: impl IntoIterator<Item = Write>) -> io::Result<()> {
+    for (k, v) in writes {
+        match v {
+            Some(v) => tree.insert(k, v).map(drop),
+            None => tree.remove(k).map(drop),
+        }
+        .map_err(sled_io)?;
+    }
+    Ok(())
+}
+
+/// [`REDO_FORMAT`], then per write: the key's length (u32, big-endian), the key, then 0 for a
+/// delete or 1, the value's length (u32) and the value.
+fn encode_redo(writes: &[Write]) -> io::Result<Vec<u8>> {
+    let size: usize = writes.iter().map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(REDO_FORMAT);
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(bytes.len()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("a write of {} bytes", bytes.len()))
+        })?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(bytes);
+        Ok(())
+    }
+    for (k, v) in writes {
+        field(&mut out, k)?;
+        match v {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                field(&mut out, v)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn decode_redo(mut bytes: &[u8]) -> Result<Vec<Write>, String> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < n {
+            return Err(format!("cut short: {n} bytes needed, {} left", bytes.len()));
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head)
+    }
+    fn field(bytes: &mut &[u8]) -> Result<Vec<u8>, String> {
+        let len = u32::from_be_bytes(take(bytes, 4)?.try_into().map_err(|_| "length")?);
+        Ok(take(bytes, len as usize)?.to_vec())
+    }
+    match take(&mut bytes, 1)? {
+        [REDO_FORMAT] => {}
+        [other] => {
+            return Err(format!("format {other} is not supported by this build (supports {REDO_FORMAT})"))
+        }
+        _ => unreachable!("take returns the length asked for"),
+    }
+    let mut writes = Vec::new();
+    while !bytes.is_empty() {
+        let key = field(&mut bytes)?;
+        let value = match take(&mut bytes, 1)? {
+            [0] => None,
+            [1] => Some(field(&mut bytes)?),
+            [tag] => return Err(format!("write tag {tag} is neither 0 (delete) nor 1 (put)")),
+            _ => unreachable!("take returns the length asked for"),
+        };
+        writes.push((key, value));
+    }
+    Ok(writes)
 }
 
 fn sled_io(e: sled::Error) -> io::Error {
@@ -81,14 +200,10 @@ impl KvTree for SledTree {
     }
 
     fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        self.tree.apply_batch(batch).map_err(sled_io)
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let writes = last_write_per_key(writes);
+        self.redo.insert(REDO_KEY, encode_redo(&writes)?).map_err(sled_io)?;
+        write_each(&self.tree, writes)
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -186,6 +301,80 @@ impl KvTree for MemTree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn put(k: &str, v: &str) -> Write {
+        (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))
+    }
+
+    fn delete(k: &str) -> Write {
+        (k.as_bytes().to_vec(), None)
+    }
+
+    fn contents(tree: &SledTree) -> Vec<(String, String)> {
+        let all = tree.scan(b"", None, usize::MAX).expect("scan");
+        all.into_iter().map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap())).collect()
+    }
+
+    fn pairs(of: &[(&str, &str)]) -> Vec<(String, String)> {
+        of.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// A batch a crash cut short is completed when the tree is opened again, and only the last
+    /// write of a key counts (a put after a delete of the same key keeps the key).
+    #[test]
+    fn a_batch_cut_short_is_completed_when_reopened() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let open = || {
+            let db = sled::Config::new().path(dir.path()).open().expect("open sled");
+            let tree = SledTree::open(&db, dir.path(), "shard-0").expect("open tree");
+            (db, tree)
+        };
+        {
+            let (db, tree) = open();
+            tree.apply_batch(vec![put("a", "1"), put("gone", "x"), put("kept", "k")]).expect("batch");
+            let cut = vec![delete("gone"), delete("a"), put("a", "2"), put("b", "3"), put("c", "4")];
+            tree.apply_cut_short(cut, 1).expect("cut short");
+            assert_eq!(
+                contents(&tree),
+                pairs(&[("a", "2"), ("gone", "x"), ("kept", "k")]),
+                "only the first write"
+            );
+            db.flush().expect("flush");
+        }
+        {
+            let (db, tree) = open();
+            let completed = pairs(&[("a", "2"), ("b", "3"), ("c", "4"), ("kept", "k")]);
+            assert_eq!(contents(&tree), completed, "the batch completed, nothing else changed");
+            tree.apply_batch(vec![delete("c")]).expect("batch");
+            db.flush().expect("flush");
+        }
+        let (_db, tree) = open();
+        assert_eq!(
+            contents(&tree),
+            pairs(&[("a", "2"), ("b", "3"), ("kept", "k")]),
+            "a later batch is not undone"
+        );
+    }
+
+    /// A redo record round-trips, and bytes that are not one give an error, never a panic.
+    #[test]
+    fn redo_records_round_trip_and_bad_ones_are_refused() {
+        let writes = vec![put("k", "v"), delete("gone"), (vec![0; 300], Some(vec![7; 70_000])), put("", "")];
+        let encoded = encode_redo(&writes).expect("encode");
+        assert_eq!(decode_redo(&encoded).expect("decode"), writes);
+        for cut in 0..encoded.len() {
+            // Every prefix decodes to fewer writes or is refused.
+            if let Ok(decoded) = decode_redo(&encoded[..cut]) {
+                assert!(decoded.len() < writes.len(), "a prefix of {cut} bytes decoded whole");
+            }
+        }
+        let mut other_format = encoded.clone();
+        other_format[0] = 9;
+        assert!(decode_redo(&other_format).unwrap_err().contains("format 9"));
+        let mut bad_tag = encode_redo(&[put("k", "v")]).expect("encode");
+        bad_tag[1 + 4 + 1] = 5;
+        assert!(decode_redo(&bad_tag).unwrap_err().contains("tag 5"));
+    }
 
     /// Files that come and go while a directory is synced (as sled's snapshots do) do not fail
     /// the sync.

@@ -3,8 +3,9 @@
 //! node's user actors) before `apply` returns, so a client that saw its write acknowledged reads
 //! it back.
 //!
-//! Durability: each `apply` call writes one atomic batch (users, session index, shard meta,
-//! last applied, membership) without syncing; the Raft log is the durable record and is replayed
+//! Durability: each `apply` call writes one batch (users, session index, shard meta, last
+//! applied, membership; all of it or after a crash none, see [`KvTree::apply_batch`]) without
+//! syncing; the Raft log is the durable record and is replayed
 //! from `last_applied` after a crash. A snapshot syncs the tree before it is reported built, so
 //! openraft purges only log entries whose effects are on disk.
 
@@ -863,7 +864,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             self.tree.apply_batch(writes).map_err(write_err)
         });
         if let Err(e) = written {
-            // Nothing was written: the replica keeps the state it had.
+            // The replica keeps the pointers it had. openraft stops the shard on a storage error;
+            // opening the tree again completes the batch or finds none of it.
             (self.meta, self.applied, self.membership, self.events_after) = old;
             return Err(e);
         }
