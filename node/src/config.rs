@@ -27,7 +27,8 @@ pub struct NodeConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the gRPC port and between nodes; plaintext when absent.
     pub tls: Option<crate::tls::TlsConfig>,
-    /// Where the Raft log (`wal/`) and the state machines (`sm/`) live.
+    /// Where the Raft log (`wal/`), the state machines (`sm/`) and their snapshots (`snapshots/`)
+    /// live.
     pub data_dir: PathBuf,
     /// Number of shards (Raft groups). Fixed for the life of the cluster's data.
     pub shards: u16,

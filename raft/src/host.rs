@@ -36,7 +36,8 @@ type TreeOpener = Box<dyn FnMut(ShardId) -> anyhow::Result<Arc<dyn KvTree>> + Se
 /// Where a node keeps its state.
 #[derive(Clone)]
 pub enum Storage {
-    /// Production: `<dir>/wal` (the Raft log) and `<dir>/sm` (sled: state machines, snapshots).
+    /// Production: `<dir>/wal` (the Raft log), `<dir>/sm` (sled: state machines) and
+    /// `<dir>/snapshots` (a file per shard).
     Dir(PathBuf),
     /// The in-memory twins, for tests and the simulator; crash them to lose unsynced writes.
     Memory(MemStorage),
@@ -197,7 +198,10 @@ impl RaftHost {
             Storage::Dir(dir) => {
                 let wal_dir = dir.join("wal");
                 let sm_dir = dir.join("sm");
-                std::fs::create_dir_all(&wal_dir).with_context(|| format!("create {}", wal_dir.display()))?;
+                let snapshots_dir = dir.join("snapshots");
+                for d in [&wal_dir, &snapshots_dir] {
+                    std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+                }
                 let disk = FileDisk::open(&wal_dir).with_context(|| format!("open {}", wal_dir.display()))?;
                 let wal = open_wal(disk, WriterMode::Thread)?;
                 let db = sled::Config::new()
@@ -209,7 +213,7 @@ impl RaftHost {
                 (
                     wal,
                     Box::new(move |shard| {
-                        let tree = SledTree::open(&db, &sm_dir, &format!("shard-{shard}"))?;
+                        let tree = SledTree::open(&db, &sm_dir, &snapshots_dir, &format!("shard-{shard}"))?;
                         Ok(Arc::new(tree) as Arc<dyn KvTree>)
                     }),
                 )

@@ -34,14 +34,10 @@ use std::sync::{Arc, RwLock};
 const KEY_META: &[u8] = b"m/meta";
 const KEY_APPLIED: &[u8] = b"m/applied";
 const KEY_MEMBERSHIP: &[u8] = b"m/membership";
-/// The last snapshot, after every other key: sled rewrites a whole leaf when it consolidates
-/// it, and next to `m/applied` (written by every apply) the snapshot's value was rewritten over
-/// and over (measured: most of the bytes written while loading sessions).
-const KEY_SNAP_META: &[u8] = b"z/snap_meta";
-const KEY_SNAP_DATA: &[u8] = b"z/snap_data";
-/// Where data dirs written before the move keep their snapshot (moved when opened).
-const KEY_SNAP_META_V0: &[u8] = b"m/snap_meta";
-const KEY_SNAP_DATA_V0: &[u8] = b"m/snap_data";
+/// Where data dirs of earlier versions keep their snapshot, in the tree (moved to
+/// [`KvTree::store_snapshot`] when opened): first next to `m/applied`, then after every key.
+const KEYS_SNAP_IN_TREE: [(&[u8], &[u8]); 2] =
+    [(b"m/snap_meta", b"m/snap_data"), (b"z/snap_meta", b"z/snap_data")];
 /// Mass revocation jobs by id (at most `cascade_core::limits::JOBS_KEPT_MAX`).
 const PREFIX_JOB: &[u8] = b"j/";
 /// The audit trail by (time, log index, position): replicated, and carried by snapshots.
@@ -522,13 +518,11 @@ impl ShardStateMachine {
         Ok((jobs, audit))
     }
 
-    /// `writes` (the deletes of the replica's state), then the pointers, users, sessions, jobs,
-    /// audit records and snapshot meta of an installed snapshot `body` (the pointers already
-    /// set from it).
+    /// `writes` (the deletes of the replica's state), then the pointers, users, sessions, jobs
+    /// and audit records of an installed snapshot `body` (the pointers already set from it).
     fn snapshot_writes(
         &self,
         mut writes: Vec<Write>,
-        meta: &SnapshotMeta,
         body: &SnapshotBody,
     ) -> Result<Vec<Write>, StorageError> {
         writes.extend(self.pointer_writes()?);
@@ -545,7 +539,6 @@ impl ShardStateMachine {
         for (index, position, record) in &body.audit {
             writes.push((audit_key(record.at_ms, *index, *position), Some(encoded(record)?)));
         }
-        writes.push((KEY_SNAP_META.to_vec(), Some(encoded(meta)?)));
         Ok(writes)
     }
 
@@ -859,10 +852,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.membership = meta.last_membership.clone();
         // A snapshot carries state, not history: events before it are not on this replica.
         self.events_after = self.applied.map_or(0, |l| l.index);
-        let written = self.snapshot_writes(writes, meta, &body).and_then(|mut writes| {
-            writes.push((KEY_SNAP_DATA.to_vec(), Some(data)));
-            self.tree.apply_batch(writes).map_err(write_err)
-        });
+        let written = self
+            .snapshot_writes(writes, &body)
+            .and_then(|writes| self.tree.apply_batch(writes).map_err(write_err));
         if let Err(e) = written {
             // The replica keeps the pointers it had. openraft stops the shard on a storage error;
             // opening the tree again completes the batch or finds none of it.
@@ -870,7 +862,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             return Err(e);
         }
         self.shared.snapshot_bytes.store(data_len, Ordering::Relaxed);
+        // The state first: a crash before the snapshot is stored leaves an older snapshot under
+        // a newer applied index, which openraft accepts; the other way round it would not.
         self.tree.sync().map_err(write_err)?;
+        self.tree.store_snapshot(&encoded(meta)?, &data).map_err(write_err)?;
+        drop(data);
         self.publish();
         if let Some(observer) = &self.observer {
             // Every cached user may be stale now: tell the observer about all of them.
@@ -881,24 +877,22 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let meta: Option<SnapshotMeta> = get_decoded(&*self.tree, KEY_SNAP_META)?;
-        let Some(meta) = meta else { return Ok(None) };
-        let data = self.tree.get(KEY_SNAP_DATA).map_err(read_err)?.unwrap_or_default();
+        let Some((meta, data)) = self.tree.load_snapshot().map_err(read_err)? else { return Ok(None) };
+        let meta: SnapshotMeta = codec::decode(&meta).map_err(read_err)?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
-/// Moves a snapshot stored under the keys of earlier versions to the current ones (one batch).
+/// Moves a snapshot that an earlier version kept in the tree to [`KvTree::store_snapshot`]:
+/// stored first, then deleted from the tree (a crash in between moves it again).
 fn move_snapshot_keys(tree: &dyn KvTree) -> Result<(), StorageError> {
-    let Some(meta) = tree.get(KEY_SNAP_META_V0).map_err(read_err)? else { return Ok(()) };
-    let data = tree.get(KEY_SNAP_DATA_V0).map_err(read_err)?.unwrap_or_default();
-    tree.apply_batch(vec![
-        (KEY_SNAP_META.to_vec(), Some(meta)),
-        (KEY_SNAP_DATA.to_vec(), Some(data)),
-        (KEY_SNAP_META_V0.to_vec(), None),
-        (KEY_SNAP_DATA_V0.to_vec(), None),
-    ])
-    .map_err(write_err)
+    for (meta_key, data_key) in KEYS_SNAP_IN_TREE {
+        let Some(meta) = tree.get(meta_key).map_err(read_err)? else { continue };
+        let data = tree.get(data_key).map_err(read_err)?.unwrap_or_default();
+        tree.store_snapshot(&meta, &data).map_err(write_err)?;
+        tree.apply_batch(vec![(meta_key.to_vec(), None), (data_key.to_vec(), None)]).map_err(write_err)?;
+    }
+    Ok(())
 }
 
 /// Builds a snapshot from the state read when it was created.
@@ -919,15 +913,10 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
         };
         let meta =
             SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
-        self.tree
-            .apply_batch(vec![
-                (KEY_SNAP_META.to_vec(), Some(encoded(&meta)?)),
-                (KEY_SNAP_DATA.to_vec(), Some(data.clone())),
-            ])
-            .map_err(write_err)?;
-        // The state machine's own writes up to `applied` become durable here too, before openraft
-        // is told the snapshot exists and may purge the log behind it.
+        // The state machine's writes up to `applied` become durable first, then the snapshot,
+        // before openraft is told the snapshot exists and may purge the log behind it.
         self.tree.sync().map_err(write_err)?;
+        self.tree.store_snapshot(&encoded(&meta)?, &data).map_err(write_err)?;
         self.shared.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -1010,31 +999,36 @@ mod tests {
         assert_eq!(reopened.reader().events_after(), 2);
     }
 
-    /// A data dir of an earlier version, whose snapshot sits under the old keys, keeps it.
+    /// A data dir of an earlier version, whose snapshot sits in the tree under either of the
+    /// keys earlier versions used, keeps it: moved out of the tree when opened.
     #[tokio::test]
-    async fn a_snapshot_under_the_old_keys_is_moved_when_opened() {
-        let tree = Arc::new(MemTree::default());
-        let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
-        sm.apply(vec![watermark(1, "a"), watermark(2, "b")]).await.expect("apply");
-        let mut builder = sm.get_snapshot_builder().await;
-        let built = builder.build_snapshot().await.expect("build");
-        // As an earlier version kept it.
-        let (meta, data) = (tree.get(KEY_SNAP_META).unwrap(), tree.get(KEY_SNAP_DATA).unwrap());
-        tree.apply_batch(vec![
-            (KEY_SNAP_META_V0.to_vec(), meta),
-            (KEY_SNAP_DATA_V0.to_vec(), data),
-            (KEY_SNAP_META.to_vec(), None),
-            (KEY_SNAP_DATA.to_vec(), None),
-        ])
-        .unwrap();
-        drop(sm);
-        let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("reopen");
-        let current = sm.get_current_snapshot().await.expect("read").expect("the snapshot is still there");
-        assert_eq!(current.meta, built.meta);
-        assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
-        assert!(
-            tree.get(KEY_SNAP_META_V0).unwrap().is_none() && tree.get(KEY_SNAP_DATA_V0).unwrap().is_none()
-        );
+    async fn a_snapshot_kept_in_the_tree_is_moved_when_opened() {
+        for (meta_key, data_key) in KEYS_SNAP_IN_TREE {
+            let tree = Arc::new(MemTree::default());
+            let mut sm = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
+            sm.apply(vec![watermark(1, "a"), watermark(2, "b")]).await.expect("apply");
+            let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+            let data = built.snapshot.into_inner();
+            // As an earlier version kept it, with no snapshot stored apart.
+            let old = MemTree::default();
+            old.apply_batch(
+                tree.scan(b"", None, usize::MAX).unwrap().into_iter().map(|(k, v)| (k, Some(v))).collect(),
+            )
+            .unwrap();
+            old.apply_batch(vec![
+                (meta_key.to_vec(), Some(encoded(&built.meta).unwrap())),
+                (data_key.to_vec(), Some(data.clone())),
+            ])
+            .unwrap();
+            assert_eq!(old.load_snapshot().unwrap(), None);
+            let old = Arc::new(old);
+            let mut sm = ShardStateMachine::open(0, old.clone(), Limits::default(), None).expect("reopen");
+            let current =
+                sm.get_current_snapshot().await.expect("read").expect("the snapshot is still there");
+            assert_eq!(current.meta, built.meta);
+            assert_eq!(current.snapshot.into_inner(), data);
+            assert!(old.get(meta_key).unwrap().is_none() && old.get(data_key).unwrap().is_none());
+        }
     }
 
     /// Jobs and the audit trail are replicated state: a replica that installs a snapshot gets
@@ -1112,6 +1106,15 @@ mod tests {
         }
         fn sync(&self) -> io::Result<()> {
             self.inner.sync()
+        }
+        fn store_snapshot(&self, meta: &[u8], body: &[u8]) -> io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(io::Error::other("the disk stopped taking writes"));
+            }
+            self.inner.store_snapshot(meta, body)
+        }
+        fn load_snapshot(&self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+            self.inner.load_snapshot()
         }
     }
 

@@ -28,7 +28,8 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, ShardStateMachine, tempfile:
         let wal: Wal<TypeConfig> = Wal::open(disk, WalConfig::default()).map_err(storage_err)?;
         let sm_dir = dir.path().join("sm");
         let db = sled::open(&sm_dir).map_err(storage_err)?;
-        let tree: Arc<dyn KvTree> = Arc::new(SledTree::open(&db, &sm_dir, "shard-3").map_err(storage_err)?);
+        let tree = SledTree::open(&db, &sm_dir, dir.path(), "shard-3").map_err(storage_err)?;
+        let tree: Arc<dyn KvTree> = Arc::new(tree);
         let sm = ShardStateMachine::open(3, tree, Limits::default(), None)?;
         Ok((dir, wal.log_store(3), sm))
     }
