@@ -1,9 +1,9 @@
 //! Storage seam of the state machine: an ordered key-value tree with batches that are atomic
-//! across a crash and an explicit durability point. [`SledTree`] is the production backend;
+//! across a crash, an explicit durability point, and the shard's stored snapshot. [`SledTree`] is the production backend;
 //! [`MemTree`] the in-memory twin for tests and the simulator.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,10 +14,11 @@ pub type Write = (Vec<u8>, Option<Vec<u8>>);
 /// An ordered key-value tree, one per shard.
 pub trait KvTree: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
-    /// Apply every write, or after a crash none. Readers running meanwhile may see some of the
-    /// writes before the others (each key changes atomically); the state machine publishes its
-    /// applied index only after the batch, and readers that need a consistent cut bound
-    /// themselves by it.
+    /// Apply every write, or after a crash none (for [`SledTree`]: after a process crash; after
+    /// a power loss, as far as sled's log survived in order, which sled 0.34 promises only up to
+    /// a sync, see [`KvTree::sync`]). Readers running meanwhile may see some of the writes before
+    /// the others (each key changes atomically): the state machine publishes its applied index
+    /// only after the batch, and raises the index below which events are pruned before it.
     fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()>;
     /// Up to `limit` entries with `prefix`, strictly after `after` (a full key) if given.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>>;
@@ -26,11 +27,14 @@ pub trait KvTree: Send + Sync + 'static {
     /// Replace the shard's stored snapshot (`meta` and `body`, as the state machine encodes
     /// them), durably and whole: [`KvTree::load_snapshot`] returns the old one or the new one,
     /// after a crash too. Kept apart from the tree's keys: stored in sled, a snapshot (the
-    /// whole shard) stayed in sled's cache and its log (measured: RSS 594 -> 527 B and disk
-    /// 1,211 -> 822 B per session and replica, 400,000 sessions, with it left out).
+    /// whole shard) stayed in sled's cache and its log (measured at 400,000 sessions, no
+    /// peers, RSS and disk per session and replica: 594 B and 1,211 B in sled, 508 B and 888 B
+    /// in a file).
     fn store_snapshot(&self, meta: &[u8], body: &[u8]) -> io::Result<()>;
     /// The stored snapshot's `(meta, body)`, if one was stored.
     fn load_snapshot(&self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
+    /// The stored snapshot's meta alone (cheap: the body is not read, nor checked).
+    fn load_snapshot_meta(&self) -> io::Result<Option<Vec<u8>>>;
 }
 
 /// A shard's tree inside the node's sled database.
@@ -39,16 +43,20 @@ pub trait KvTree: Send + Sync + 'static {
 /// process-wide write lock, and once one has run, every read and write in the process takes the
 /// read side of it, so the applies of every shard ran one at a time and checks waited behind
 /// them (measured; BENCHMARKS.md). Instead a batch is first written whole, as one value, under
-/// [`REDO_KEY`] in the shard's redo tree, then key by key. sled recovers a prefix of its writes
-/// in order after a crash, so the redo record on disk is always the last batch any of whose
-/// writes survived; [`SledTree::open`] writes it again, key by key (absolute values: doing it
-/// twice is harmless), which completes a batch a crash cut short. No sled batch or transaction
-/// may run anywhere in the process, or the lock comes back for every read.
+/// [`REDO_KEY`] in the shard's redo tree, then key by key. After a process crash sled recovers
+/// its log in order up to the first message it cannot read, so the redo record on disk is the
+/// last batch any of whose writes survived; [`SledTree::open`] writes it again, key by key
+/// (absolute values: doing it twice is harmless), which completes a batch a crash cut short.
+/// A record of [`REDO_LARGE_MIN`] bytes or more may go to a sled blob file, which sled does not
+/// sync and skips when missing: those files are synced before the keys are written, and the
+/// record is removed after them (so it is not kept in sled's cache, nor written again at every
+/// open). No sled batch or transaction may run anywhere in the process, or the lock comes back
+/// for every read.
 pub struct SledTree {
     db: sled::Db,
     tree: sled::Tree,
     redo: sled::Tree,
-    /// One batch at a time per shard (the state machine's apply and a snapshot build overlap).
+    /// One batch at a time per shard: the redo record must be the last batch's.
     writing: Mutex<()>,
     dir: PathBuf,
     /// The shard's snapshot file (see [`encode_snapshot_header`]).
@@ -61,6 +69,9 @@ pub struct SledTree {
 const REDO_KEY: &[u8] = b"batch";
 /// First byte of an encoded redo record.
 const REDO_FORMAT: u8 = 1;
+/// Redo records this large may be written to a blob file (sled 0.34 does so above about
+/// 128 KiB: a quarter of its 512 KiB segments, less headers).
+const REDO_LARGE_MIN: usize = 64 << 10;
 
 impl SledTree {
     /// Open the shard tree `name` (and its redo tree), completing a batch a crash cut short.
@@ -269,8 +280,18 @@ impl KvTree for SledTree {
     fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()> {
         let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let writes = last_write_per_key(writes);
-        self.redo.insert(REDO_KEY, encode_redo(&writes)?).map_err(sled_io)?;
-        write_each(&self.tree, writes)
+        let record = encode_redo(&writes)?;
+        let large = record.len() >= REDO_LARGE_MIN;
+        self.redo.insert(REDO_KEY, record).map_err(sled_io)?;
+        let blobs = self.dir.join("blobs");
+        if large && blobs.exists() {
+            sync_dir_files(&blobs)?;
+        }
+        write_each(&self.tree, writes)?;
+        if large {
+            self.redo.remove(REDO_KEY).map_err(sled_io)?;
+        }
+        Ok(())
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -315,12 +336,35 @@ impl KvTree for SledTree {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        decode_snapshot_file(file).map(Some).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("snapshot file {}: {e}", self.snapshot.display()),
-            )
-        })
+        decode_snapshot_file(file).map(Some).map_err(|e| self.damaged(e))
+    }
+
+    fn load_snapshot_meta(&self) -> io::Result<Option<Vec<u8>>> {
+        let mut file = match std::fs::File::open(&self.snapshot) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut header = [0; SNAPSHOT_HEADER_LEN];
+        file.read_exact(&mut header).map_err(|e| self.damaged(format!("header: {e}")))?;
+        if header[0] != SNAPSHOT_FORMAT {
+            let e =
+                format!("format {} is not supported by this build (supports {SNAPSHOT_FORMAT})", header[0]);
+            return Err(self.damaged(e));
+        }
+        let meta_len = u32::from_be_bytes(header[5..].try_into().expect("4 bytes")) as usize;
+        let mut meta = Vec::new();
+        file.take(meta_len as u64).read_to_end(&mut meta)?;
+        if meta.len() != meta_len {
+            return Err(self.damaged(format!("meta of {meta_len} bytes, {} left", meta.len())));
+        }
+        Ok(Some(meta))
+    }
+}
+
+impl SledTree {
+    fn damaged(&self, e: impl std::fmt::Display) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file {}: {e}", self.snapshot.display()))
     }
 }
 
@@ -403,6 +447,10 @@ impl KvTree for MemTree {
     fn load_snapshot(&self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
         Ok(self.lock().snapshot.clone())
     }
+
+    fn load_snapshot_meta(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.lock().snapshot.as_ref().map(|(meta, _)| meta.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -455,12 +503,20 @@ mod tests {
             tree.apply_batch(vec![delete("c")]).expect("batch");
             db.flush().expect("flush");
         }
-        let (_db, tree) = open();
+        let (db, tree) = open();
         assert_eq!(
             contents(&tree),
             pairs(&[("a", "2"), ("b", "3"), ("kept", "k")]),
             "a later batch is not undone"
         );
+        // A large batch's record is removed once its keys are written.
+        let big = "x".repeat(REDO_LARGE_MIN);
+        tree.apply_batch(vec![put("big", &big), delete("b")]).expect("batch");
+        assert_eq!(tree.redo.get(REDO_KEY).expect("read"), None);
+        db.flush().expect("flush");
+        drop((db, tree));
+        let (_db, tree) = open();
+        assert_eq!(contents(&tree), pairs(&[("a", "2"), ("big", &big), ("kept", "k")]));
     }
 
     /// A redo record round-trips, and bytes that are not one give an error, never a panic.
@@ -494,6 +550,7 @@ mod tests {
         tree.store_snapshot(b"meta-1", &[1; 5000]).expect("store");
         tree.store_snapshot(b"meta-2", b"body-2").expect("store");
         assert_eq!(tree.load_snapshot().expect("load"), Some((b"meta-2".to_vec(), b"body-2".to_vec())));
+        assert_eq!(tree.load_snapshot_meta().expect("load"), Some(b"meta-2".to_vec()));
         tree.store_snapshot(b"", b"").expect("store");
         assert_eq!(tree.load_snapshot().expect("load"), Some((Vec::new(), Vec::new())));
         tree.store_snapshot(b"meta-3", b"body-3").expect("store");
@@ -509,6 +566,9 @@ mod tests {
         }
         std::fs::write(&path, &good[..4]).expect("write");
         assert!(tree.load_snapshot().unwrap_err().to_string().contains("shorter than its header"));
+        assert!(tree.load_snapshot_meta().unwrap_err().to_string().contains("shard-7.snap: header"));
+        std::fs::write(&path, &good[..12]).expect("write");
+        assert!(tree.load_snapshot_meta().unwrap_err().to_string().contains("meta of 6 bytes, 3 left"));
     }
 
     /// Files that come and go while a directory is synced (as sled's snapshots do) do not fail

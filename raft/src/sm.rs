@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Cursor};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 const KEY_META: &[u8] = b"m/meta";
 const KEY_APPLIED: &[u8] = b"m/applied";
@@ -110,6 +110,8 @@ struct Shared {
     /// Size of the last snapshot this replica built or installed (0 until one is, after a
     /// restart too: reading the stored one to learn its size would cost a restart that much).
     snapshot_bytes: AtomicU64,
+    /// The last log id of the stored snapshot, if one is stored; held while one is stored.
+    stored_snapshot: Mutex<Option<Option<LogId>>>,
 }
 
 fn job_key(id: JobId) -> Vec<u8> {
@@ -376,6 +378,10 @@ impl ShardStateMachine {
         observer: Option<Arc<dyn ApplyObserver>>,
     ) -> Result<Self, StorageError> {
         move_snapshot_keys(&*tree)?;
+        let stored: Option<SnapshotMeta> = match tree.load_snapshot_meta().map_err(read_err)? {
+            Some(meta) => Some(codec::decode(&meta).map_err(read_err)?),
+            None => None,
+        };
         let applied: Option<LogId> = get_decoded::<Option<LogId>>(&*tree, KEY_APPLIED)?.flatten();
         let membership = get_decoded(&*tree, KEY_MEMBERSHIP)?.unwrap_or_default();
         let meta: ShardMeta = get_decoded(&*tree, KEY_META)?.unwrap_or_default();
@@ -385,8 +391,9 @@ impl ShardStateMachine {
             applied_index: AtomicU64::new(applied.map_or(0, |l| l.index)),
             events_after: AtomicU64::new(events_after),
             snapshot_bytes: AtomicU64::new(0),
+            stored_snapshot: Mutex::new(stored.as_ref().map(|m| m.last_log_id)),
         });
-        Ok(ShardStateMachine {
+        let mut sm = ShardStateMachine {
             shard,
             tree,
             limits,
@@ -396,7 +403,14 @@ impl ShardStateMachine {
             shared,
             observer,
             events_after,
-        })
+        };
+        if let Some(meta) = stored.filter(|m| m.last_log_id > applied) {
+            // An install a crash cut short: the snapshot is stored first, its state after.
+            let (_, data) =
+                sm.tree.load_snapshot().map_err(read_err)?.ok_or_else(|| read_err("snapshot vanished"))?;
+            sm.install(&meta, data, false)?;
+        }
+        Ok(sm)
     }
 
     pub fn reader(&self) -> ShardReader {
@@ -803,6 +817,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let added = audit_writes.len();
         writes.append(&mut audit_writes);
         self.prune_audit(&mut writes, added)?;
+        // Readers are told the events pruned here are gone before the batch deletes them, so a
+        // page read meanwhile is refused rather than served with holes.
+        self.shared.events_after.store(self.events_after, Ordering::Release);
         self.tree.apply_batch(writes).map_err(write_err)?;
         self.publish();
         if let Some(observer) = &self.observer {
@@ -833,9 +850,31 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+        self.install(meta, snapshot.into_inner(), true)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let Some((meta, data)) = self.tree.load_snapshot().map_err(read_err)? else { return Ok(None) };
+        let meta: SnapshotMeta = codec::decode(&meta).map_err(read_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+impl ShardStateMachine {
+    /// Replace the replica's state with the snapshot's. `fresh`: a snapshot just received, to
+    /// store and announce; otherwise the stored one, whose install a crash cut short (`open`).
+    fn install(&mut self, meta: &SnapshotMeta, data: Vec<u8>, fresh: bool) -> Result<(), StorageError> {
         let body = SnapshotBody::decode(&data)
             .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        // The snapshot is stored before its state is written: a crash in between leaves it
+        // newer than the applied index, and opening the tree finishes the install. The other
+        // way round, openraft, seeing the applied index past its log, would purge the log past
+        // the stored snapshot.
+        if fresh {
+            store_snapshot(&*self.tree, &self.shared, meta, &data, false)?;
+        }
+        let data_len = data.len() as u64;
+        drop(data);
         // Deletes of the replica's state and the snapshot's state go in one batch: a crash in
         // between must not leave the state cleared under the old applied index.
         let mut writes = Vec::new();
@@ -846,41 +885,52 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             })?;
         }
         let old = (self.meta.clone(), self.applied, self.membership.clone(), self.events_after);
-        let data_len = data.len() as u64;
         self.meta = body.meta.clone();
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         // A snapshot carries state, not history: events before it are not on this replica.
+        // Readers are told before the batch deletes them.
         self.events_after = self.applied.map_or(0, |l| l.index);
+        self.shared.events_after.store(self.events_after, Ordering::Release);
         let written = self
             .snapshot_writes(writes, &body)
             .and_then(|writes| self.tree.apply_batch(writes).map_err(write_err));
         if let Err(e) = written {
-            // The replica keeps the pointers it had. openraft stops the shard on a storage error;
-            // opening the tree again completes the batch or finds none of it.
+            // The replica keeps the pointers it had (and refuses the pruned events' cursors).
+            // openraft stops the shard on a storage error; opening the tree again finishes the
+            // install from the stored snapshot.
             (self.meta, self.applied, self.membership, self.events_after) = old;
             return Err(e);
         }
         self.shared.snapshot_bytes.store(data_len, Ordering::Relaxed);
-        // The state first: a crash before the snapshot is stored leaves an older snapshot under
-        // a newer applied index, which openraft accepts; the other way round it would not.
         self.tree.sync().map_err(write_err)?;
-        self.tree.store_snapshot(&encoded(meta)?, &data).map_err(write_err)?;
-        drop(data);
         self.publish();
-        if let Some(observer) = &self.observer {
+        if let (true, Some(observer)) = (fresh, &self.observer) {
             // Every cached user may be stale now: tell the observer about all of them.
             let users: Vec<_> = body.users.into_iter().map(|u| (u.key.clone(), Some(Arc::new(u)))).collect();
             observer.on_applied(self.shard, self.applied.map_or(0, |l| l.index), &users, &[]);
         }
         Ok(())
     }
+}
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let Some((meta, data)) = self.tree.load_snapshot().map_err(read_err)? else { return Ok(None) };
-        let meta: SnapshotMeta = codec::decode(&meta).map_err(read_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+/// Store `meta` and `data` as the shard's snapshot, unless `built` (a build, which runs in a task
+/// of its own) and a snapshot at or past it is stored already (an install that finished first):
+/// the stored snapshot never goes back. Returns whether it was stored.
+fn store_snapshot(
+    tree: &dyn KvTree,
+    shared: &Shared,
+    meta: &SnapshotMeta,
+    data: &[u8],
+    built: bool,
+) -> Result<bool, StorageError> {
+    let mut stored = shared.stored_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+    if built && stored.is_some_and(|at| at >= meta.last_log_id) {
+        return Ok(false);
     }
+    tree.store_snapshot(&encoded(meta)?, data).map_err(write_err)?;
+    *stored = Some(meta.last_log_id);
+    Ok(true)
 }
 
 /// Moves a snapshot that an earlier version kept in the tree to [`KvTree::store_snapshot`]:
@@ -916,7 +966,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
         // The state machine's writes up to `applied` become durable first, then the snapshot,
         // before openraft is told the snapshot exists and may purge the log behind it.
         self.tree.sync().map_err(write_err)?;
-        self.tree.store_snapshot(&encoded(&meta)?, &data).map_err(write_err)?;
+        store_snapshot(&*self.tree, &self.shared, &meta, &data, true)?;
         self.shared.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -1079,11 +1129,20 @@ mod tests {
         assert_eq!(copy.job(42).expect("read"), Some(job));
         assert_eq!(copy.audit(0, u64::MAX, 10, |_| true).expect("audit").0, all);
     }
-
-    /// A tree whose batches fail while `fail` is set (a disk that stopped taking writes).
+    /// A tree whose batches fail while `fail_batches` is set, and whose snapshot stores fail
+    /// while `fail_store` is (a disk that stopped taking writes).
+    #[derive(Default)]
     struct FailingTree {
         inner: Arc<MemTree>,
-        fail: std::sync::atomic::AtomicBool,
+        fail_batches: std::sync::atomic::AtomicBool,
+        fail_store: std::sync::atomic::AtomicBool,
+    }
+
+    fn failed(flag: &std::sync::atomic::AtomicBool) -> io::Result<()> {
+        match flag.load(Ordering::SeqCst) {
+            true => Err(io::Error::other("the disk stopped taking writes")),
+            false => Ok(()),
+        }
     }
 
     impl KvTree for FailingTree {
@@ -1091,9 +1150,7 @@ mod tests {
             self.inner.get(key)
         }
         fn apply_batch(&self, writes: Vec<Write>) -> io::Result<()> {
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(io::Error::other("the disk stopped taking writes"));
-            }
+            failed(&self.fail_batches)?;
             self.inner.apply_batch(writes)
         }
         fn scan(
@@ -1108,41 +1165,92 @@ mod tests {
             self.inner.sync()
         }
         fn store_snapshot(&self, meta: &[u8], body: &[u8]) -> io::Result<()> {
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(io::Error::other("the disk stopped taking writes"));
-            }
+            failed(&self.fail_store)?;
             self.inner.store_snapshot(meta, body)
         }
         fn load_snapshot(&self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
             self.inner.load_snapshot()
         }
+        fn load_snapshot_meta(&self) -> io::Result<Option<Vec<u8>>> {
+            self.inner.load_snapshot_meta()
+        }
     }
 
-    /// Installing a snapshot clears the replica's state and writes the snapshot's in one batch:
-    /// when that batch fails, the replica (and what a restart reads) is as it was, not cleared
-    /// under its old applied index.
-    #[tokio::test]
-    async fn a_failed_snapshot_install_leaves_the_replica_as_it_was() {
+    fn audit_of(sm: &ShardStateMachine) -> Vec<AuditRecord> {
+        sm.reader().audit(0, u64::MAX, 10, |_| true).expect("audit").0
+    }
+
+    /// A source shard at index 3 with its snapshot, and a replica at index 1 on a failing tree.
+    async fn install_setup() -> (ShardStateMachine, Snapshot, Arc<FailingTree>, ShardStateMachine) {
         let mut source =
             ShardStateMachine::open(0, Arc::new(MemTree::default()), Limits::default(), None).expect("open");
         source.apply(vec![watermark(1, "a"), watermark(2, "b"), watermark(3, "c")]).await.expect("apply");
         let snapshot = source.get_snapshot_builder().await.build_snapshot().await.expect("build");
-
-        let inner = Arc::new(MemTree::default());
-        let tree = Arc::new(FailingTree { inner: inner.clone(), fail: false.into() });
+        let tree = Arc::new(FailingTree::default());
         let mut replica = ShardStateMachine::open(0, tree.clone(), Limits::default(), None).expect("open");
         replica.apply(vec![watermark(1, "x")]).await.expect("apply");
-        let before = replica.reader().audit(0, u64::MAX, 10, |_| true).expect("audit").0;
-        assert_eq!(before.len(), 1);
-        tree.fail.store(true, Ordering::SeqCst);
+        assert_eq!(audit_of(&replica).len(), 1);
+        (source, snapshot, tree, replica)
+    }
+
+    /// When storing a received snapshot fails, nothing else is written: the replica (and what a
+    /// restart reads) is as it was.
+    #[tokio::test]
+    async fn a_snapshot_that_cannot_be_stored_leaves_the_replica_as_it_was() {
+        let (_, snapshot, tree, mut replica) = install_setup().await;
+        let before = audit_of(&replica);
+        tree.fail_store.store(true, Ordering::SeqCst);
         assert!(replica.install_snapshot(&snapshot.meta, snapshot.snapshot).await.is_err());
-        tree.fail.store(false, Ordering::SeqCst);
-        let (applied, _) = replica.applied_state().await.expect("applied");
-        assert_eq!(applied.map(|l| l.index), Some(1), "the live replica keeps its applied index");
-        let mut reopened = ShardStateMachine::open(0, inner, Limits::default(), None).expect("reopen");
-        let (applied, _) = reopened.applied_state().await.expect("applied");
-        assert_eq!(applied.map(|l| l.index), Some(1));
-        assert_eq!(reopened.reader().audit(0, u64::MAX, 10, |_| true).expect("audit").0, before);
+        tree.fail_store.store(false, Ordering::SeqCst);
+        assert_eq!(replica.applied_state().await.expect("applied").0.map(|l| l.index), Some(1));
+        assert_eq!(audit_of(&replica), before);
+        let mut reopened =
+            ShardStateMachine::open(0, tree.inner.clone(), Limits::default(), None).expect("reopen");
+        assert_eq!(reopened.applied_state().await.expect("applied").0.map(|l| l.index), Some(1));
+        assert_eq!(audit_of(&reopened), before);
+        assert_eq!(reopened.get_current_snapshot().await.expect("read").map(|s| s.meta), None);
+    }
+
+    /// The snapshot is stored before its state is written. When writing the state fails (or a
+    /// crash stops it), the live replica keeps its pointers, not a state cleared under its old
+    /// applied index; opened again, it finishes the install from the stored snapshot, so the
+    /// stored snapshot is never newer than the applied index for openraft to see.
+    #[tokio::test]
+    async fn an_install_cut_short_is_finished_when_opened() {
+        let (source, snapshot, tree, mut replica) = install_setup().await;
+        let before = audit_of(&replica);
+        tree.fail_batches.store(true, Ordering::SeqCst);
+        let meta = snapshot.meta.clone();
+        assert!(replica.install_snapshot(&snapshot.meta, snapshot.snapshot).await.is_err());
+        tree.fail_batches.store(false, Ordering::SeqCst);
+        assert_eq!(replica.applied_state().await.expect("applied").0.map(|l| l.index), Some(1));
+        assert_eq!(audit_of(&replica), before, "the live replica keeps its state");
+        tree.inner.crash();
+        let mut reopened =
+            ShardStateMachine::open(0, tree.inner.clone(), Limits::default(), None).expect("reopen");
+        assert_eq!(reopened.applied_state().await.expect("applied").0, meta.last_log_id);
+        assert_eq!(audit_of(&reopened), audit_of(&source), "the snapshot's state, whole");
+        assert_eq!(reopened.reader().events_after(), 3);
+        let stored = reopened.get_current_snapshot().await.expect("read").expect("stored");
+        assert_eq!(stored.meta, meta);
+    }
+
+    /// A build runs in a task of its own and may finish after an install of a newer snapshot:
+    /// it does not replace that one.
+    #[tokio::test]
+    async fn a_build_never_replaces_a_newer_stored_snapshot() {
+        let (_, snapshot, _tree, mut replica) = install_setup().await;
+        let mut builder = replica.get_snapshot_builder().await;
+        let meta = snapshot.meta.clone();
+        replica.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+        let late = builder.build_snapshot().await.expect("a late build still answers");
+        assert_eq!(late.meta.last_log_id.map(|l| l.index), Some(1));
+        let stored = replica.get_current_snapshot().await.expect("read").expect("stored");
+        assert_eq!(stored.meta, meta, "the installed snapshot stays");
+        replica.apply(vec![watermark(4, "d")]).await.expect("apply");
+        let newer = replica.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let stored = replica.get_current_snapshot().await.expect("read").expect("stored");
+        assert_eq!((stored.meta.last_log_id.map(|l| l.index), stored.meta), (Some(4), newer.meta));
     }
 
     /// The snapshot body built from the stored users' bytes is the encoding of the decoded
