@@ -205,18 +205,31 @@ fn encode_frame<C: WalTypes>(record: &Record<'_, C>) -> Result<Vec<u8>, WalError
 
 /// Encodes `record` as one frame whose payload may not exceed `max` bytes.
 fn encode_frame_limited<C: WalTypes>(record: &Record<'_, C>, max: usize) -> Result<Vec<u8>, WalError> {
-    let mut frame = vec![0u8; FRAME_HEADER_LEN];
-    bincode::serde::encode_into_std_write(FORMAT_VERSION, &mut frame, bincode_config())?;
-    bincode::serde::encode_into_std_write(record, &mut frame, bincode_config())?;
+    let mut frame = open_frame(record)?;
     let len = frame.len() - FRAME_HEADER_LEN;
     if len > max {
         return Err(WalError::RecordTooLarge { len });
     }
+    seal_frame(&mut frame)?;
+    Ok(frame)
+}
+
+/// A frame's room for its header, then the format version and `record`.
+fn open_frame<C: WalTypes>(record: &Record<'_, C>) -> Result<Vec<u8>, WalError> {
+    let mut frame = vec![0u8; FRAME_HEADER_LEN];
+    bincode::serde::encode_into_std_write(FORMAT_VERSION, &mut frame, bincode_config())?;
+    bincode::serde::encode_into_std_write(record, &mut frame, bincode_config())?;
+    Ok(frame)
+}
+
+/// Fills in a frame's header: the length and the crc32 of what follows it.
+fn seal_frame(frame: &mut [u8]) -> Result<(), WalError> {
+    let len = frame.len() - FRAME_HEADER_LEN;
     let len32 = u32::try_from(len).map_err(|_| WalError::RecordTooLarge { len })?;
     let crc = crc32fast::hash(&frame[FRAME_HEADER_LEN..]);
     frame[0..4].copy_from_slice(&len32.to_le_bytes());
     frame[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(frame)
+    Ok(())
 }
 
 /// A log entry as a shard's log keeps it in memory: its bincode encoding, exactly as an
@@ -265,9 +278,7 @@ fn encode_append<C: WalTypes>(
     max: usize,
 ) -> Result<(), WalError> {
     let empty: Record<'_, C> = Record::Append { shard, entries: Cow::Borrowed(&[]) };
-    let mut frame = vec![0u8; FRAME_HEADER_LEN];
-    bincode::serde::encode_into_std_write(FORMAT_VERSION, &mut frame, bincode_config())?;
-    bincode::serde::encode_into_std_write(&empty, &mut frame, bincode_config())?;
+    let mut frame = open_frame(&empty)?;
     if frame.pop() != Some(0) {
         return Err(WalError::Encode(bincode::error::EncodeError::Other(
             "an empty entry list is not encoded as 0",
@@ -283,14 +294,11 @@ fn encode_append<C: WalTypes>(
         }
         return Err(WalError::RecordTooLarge { len });
     }
-    let len32 = u32::try_from(len).map_err(|_| WalError::RecordTooLarge { len })?;
     frame.reserve(len + FRAME_HEADER_LEN - frame.len());
     for e in entries {
         frame.extend_from_slice(&e.bytes);
     }
-    let crc = crc32fast::hash(&frame[FRAME_HEADER_LEN..]);
-    frame[0..4].copy_from_slice(&len32.to_le_bytes());
-    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    seal_frame(&mut frame)?;
     if buf.is_empty() {
         *buf = frame;
     } else {
