@@ -102,6 +102,12 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// The nodes run in this process: the memory settings the `cascade` binary makes.
+fn same_memory_settings_as_a_node() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    cascade_node::memory::disable_transparent_huge_pages().context("turn transparent huge pages off")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -128,6 +134,9 @@ async fn main() -> anyhow::Result<()> {
             sizes.step = std::time::Duration::from_secs(s);
         }
         let peers = if no_peers { None } else { Some(peers::Peers::start()?) };
+        // After the peers started (a child process inherits the setting): they run as the
+        // machine is set up.
+        same_memory_settings_as_a_node()?;
         let mut cluster = cluster::BenchCluster::start(3, args.shards).await?;
         // Interrupted, the cluster and the peers are still stopped (by their drops).
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -150,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for run in runs {
+        same_memory_settings_as_a_node()?;
         let cluster = cluster::BenchCluster::start(3, args.shards).await?;
         let result = match run {
             Scenario::MassRevoke { sessions, sample } => {

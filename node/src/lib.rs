@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod seams;

@@ -184,6 +184,10 @@ enum Command {
 /// Parses the command line, runs the command, and turns its outcome into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(err) = cascade_node::memory::disable_transparent_huge_pages() {
+        // Slower checks, not wrong ones: say so and go on.
+        eprintln!("warning: cannot turn transparent huge pages off for this process: {err}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
