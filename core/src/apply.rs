@@ -648,7 +648,9 @@ fn purge(
     let meta = view.meta().clone();
     let (mut n_sessions, mut n_users) = (0u64, 0u64);
     for key in keys {
-        let Some(mut user) = view.take_user(&key) else { continue };
+        // Read first: a user with nothing to drop is left as it is, not written again (a pass
+        // visits every user of the shard).
+        let Some(mut user) = view.get_user(&key) else { continue };
         let doomed: Vec<SessionId> = user
             .sessions
             .values()
@@ -668,14 +670,22 @@ fn purge(
             .collect();
         for id in &doomed {
             user.sessions.remove(id);
-            view.unindex_session(id);
         }
-        n_sessions += doomed.len() as u64;
         let referenced: Vec<String> = user.sessions.values().filter_map(|s| s.device_id.clone()).collect();
+        let devices = user.devices.len();
         user.devices.retain(|id, d| {
             referenced.contains(id) || d.last_seen_ms.saturating_add(limits.retention_ms) > now
         });
-        if user.sessions.is_empty() && user.devices.is_empty() {
+        let emptied = user.sessions.is_empty() && user.devices.is_empty();
+        if doomed.is_empty() && user.devices.len() == devices && !emptied {
+            continue;
+        }
+        let _stored = view.take_user(&key);
+        for id in &doomed {
+            view.unindex_session(id);
+        }
+        n_sessions += doomed.len() as u64;
+        if emptied {
             // Dropping the user also drops its watermark; that is safe because no session of the
             // user remains and every later session is created after it (the clock only moves
             // forward, past every watermark).

@@ -3,9 +3,12 @@
 mod support;
 
 use cascade_core::limits::{Limits, SessionLimitPolicy};
+use cascade_core::model::{ShardMeta, UserState};
 use cascade_core::validity::evaluate;
-use cascade_core::view::MemShard;
-use cascade_protocol::command::{Command, Reason, Revocation, WatermarkScope};
+use cascade_core::view::{MemShard, ShardView};
+use cascade_protocol::command::{Command, Envelope, Reason, Revocation, WatermarkScope};
+use cascade_protocol::ids::{SessionId, UserKey};
+use cascade_protocol::job::{Job, JobId};
 use cascade_protocol::outcome::{Outcome, Refusal, RevocationEvent, Verdict};
 use support::*;
 
@@ -239,6 +242,84 @@ fn purge_after_retention() {
     assert_eq!(p.outcome, Outcome::Purged { n_sessions: 1, n_users: 1, next: Some(user("bob")) });
     assert!(s.users.is_empty(), "{:?}", s.users.keys().collect::<Vec<_>>());
     assert!(s.session_index.is_empty());
+}
+
+/// A shard that records which users `apply` took out to change.
+struct Recorded {
+    shard: MemShard,
+    taken: Vec<UserKey>,
+}
+
+impl ShardView for Recorded {
+    fn meta(&self) -> &ShardMeta {
+        self.shard.meta()
+    }
+    fn meta_mut(&mut self) -> &mut ShardMeta {
+        self.shard.meta_mut()
+    }
+    fn take_user(&mut self, key: &UserKey) -> Option<UserState> {
+        self.taken.push(key.clone());
+        self.shard.take_user(key)
+    }
+    fn put_user(&mut self, user: UserState) {
+        self.shard.put_user(user)
+    }
+    fn session_owner(&mut self, id: &SessionId) -> Option<UserKey> {
+        self.shard.session_owner(id)
+    }
+    fn index_session(&mut self, id: SessionId, owner: &UserKey) {
+        self.shard.index_session(id, owner)
+    }
+    fn unindex_session(&mut self, id: &SessionId) {
+        self.shard.unindex_session(id)
+    }
+    fn users_after(&mut self, after: Option<&UserKey>, limit: usize) -> Vec<UserKey> {
+        self.shard.users_after(after, limit)
+    }
+    fn get_user(&mut self, key: &UserKey) -> Option<UserState> {
+        self.shard.get_user(key)
+    }
+    fn job(&mut self, id: JobId) -> Option<Job> {
+        self.shard.job(id)
+    }
+    fn put_job(&mut self, job: Job) {
+        self.shard.put_job(job)
+    }
+    fn remove_job(&mut self, id: JobId) {
+        self.shard.remove_job(id)
+    }
+    fn jobs(&mut self) -> Vec<Job> {
+        self.shard.jobs()
+    }
+}
+
+/// A purge pass visits every user, but only a user with something past retention is written
+/// again: stores write what `apply` took out, and a pass rewriting the whole shard would cost
+/// as much as loading it.
+#[test]
+fn purge_writes_only_users_it_changes() {
+    let limits = Limits { retention_ms: HOUR_MS, ..Limits::default() };
+    let mut s = Recorded { shard: MemShard::default(), taken: Vec::new() };
+    let apply = |s: &mut Recorded, now, cmd| cascade_core::apply(s, &limits, &Envelope::new(now, cmd));
+    apply(&mut s, T0, create(1, "alice", Some(1), None));
+    apply(&mut s, T0, create(2, "bob", None, None));
+    apply(&mut s, T0, create(3, "carol", None, None));
+    apply(&mut s, T0 + 10, Command::RevokeSession { session_id: sid(2), revocation: rev() });
+    let before = s.shard.clone();
+    s.taken.clear();
+    let purge = Command::Purge { after: None, max_users: 16 };
+    let p = apply(&mut s, T0 + 20, purge.clone());
+    assert_eq!(p.outcome, Outcome::Purged { n_sessions: 0, n_users: 0, next: None });
+    assert!(s.taken.is_empty(), "nothing was due, yet {:?} were taken", s.taken);
+    assert_eq!((&s.shard.users, &s.shard.session_index), (&before.users, &before.session_index));
+    // Past retention, bob's revoked session goes and bob with it; alice and carol are not
+    // touched.
+    let p = apply(&mut s, T0 + 10 + HOUR_MS, purge);
+    assert_eq!(p.outcome, Outcome::Purged { n_sessions: 1, n_users: 1, next: None });
+    assert_eq!(s.taken, vec![user("bob")]);
+    let kept: Vec<&UserKey> = s.shard.users.keys().collect();
+    assert_eq!(kept, vec![&user("alice"), &user("carol")]);
+    assert_eq!(check(&s.shard, sid(2), T0 + 10 + HOUR_MS), Verdict::Unknown);
 }
 
 /// P5: time never runs backwards inside the state machine, even if a new leader's clock does.
