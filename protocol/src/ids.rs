@@ -179,6 +179,11 @@ impl UserKey {
     pub fn shard(&self, n_shards: u16) -> ShardId {
         shard_of_user(&self.tenant, &self.user_id, n_shards)
     }
+
+    /// The user's stable 64-bit hash (see [`user_hash`]).
+    pub fn hash64(&self) -> u64 {
+        user_hash(&self.tenant, &self.user_id)
+    }
 }
 
 impl fmt::Display for UserKey {
@@ -201,12 +206,16 @@ fn fnv1a64_extend(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
-/// Shard of a user: FNV-1a 64 of `tenant 0x00 user_id`, modulo the shard count. Allocates
-/// nothing (gateways call it on every local check).
+/// FNV-1a 64 of `tenant 0x00 user_id`. Allocates nothing.
+pub fn user_hash(tenant: &str, user_id: &str) -> u64 {
+    fnv1a64_extend(fnv1a64_extend(fnv1a64(tenant.as_bytes()), &[0]), user_id.as_bytes())
+}
+
+/// Shard of a user: [`user_hash`] modulo the shard count. Allocates nothing (gateways call it
+/// on every local check).
 pub fn shard_of_user(tenant: &str, user_id: &str, n_shards: u16) -> ShardId {
     assert!(n_shards > 0, "a cluster has at least one shard");
-    let h = fnv1a64_extend(fnv1a64_extend(fnv1a64(tenant.as_bytes()), &[0]), user_id.as_bytes());
-    (h % u64::from(n_shards)) as ShardId
+    (user_hash(tenant, user_id) % u64::from(n_shards)) as ShardId
 }
 
 #[cfg(test)]

@@ -2,8 +2,13 @@
 //! checks to user actors (activating them from storage on demand, passivating idle ones, never
 //! holding more than the configured number), forwards state-machine updates to them in apply
 //! order, proposes writes, and drives the periodic purge while it leads.
+//!
+//! A user is activated on its second check within a while (see [`Doorkeeper`]); the first is
+//! answered here from storage. Spawning an actor and stopping it again cost more than the check
+//! it served, and checks spread over many users (1,000,000 sessions) mostly hit users checked
+//! once, not again before they are passivated.
 
-use super::user_actor::{UserActor, UserArgs, UserMsg};
+use super::user_actor::{answer, UserActor, UserArgs, UserMsg};
 use super::{CheckAnswer, CheckQuery};
 use crate::seams::Clock;
 use cascade_core::model::UserState;
@@ -14,7 +19,7 @@ use cascade_raft::routing::propose_local_within;
 use cascade_raft::sm::ShardReader;
 use cascade_raft::typ::{NodeId, Raft};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,8 +94,37 @@ struct LiveUser {
     last_used_ms: u64,
 }
 
+/// The users checked once lately and not activated, by [`UserKey::hash64`]: two generations of
+/// at most `generation_max` hashes each; when the newer is full the older is forgotten. A hash
+/// collision only activates a user early.
+struct Doorkeeper {
+    newer: HashSet<u64>,
+    older: HashSet<u64>,
+    generation_max: usize,
+}
+
+impl Doorkeeper {
+    fn new(generation_max: usize) -> Self {
+        Doorkeeper { newer: HashSet::new(), older: HashSet::new(), generation_max: generation_max.max(1) }
+    }
+
+    /// Whether `hash` was seen in either generation; if not, it is remembered now.
+    fn seen_before(&mut self, hash: u64) -> bool {
+        if self.newer.contains(&hash) || self.older.contains(&hash) {
+            return true;
+        }
+        if self.newer.len() >= self.generation_max {
+            self.older = std::mem::take(&mut self.newer);
+        }
+        self.newer.insert(hash);
+        false
+    }
+}
+
 pub struct ShardActorState {
     args: ShardArgs,
+    /// Users checked once lately: their next check activates them.
+    doorkeeper: Doorkeeper,
     /// Live user actors by user.
     users: HashMap<UserKey, LiveUser>,
     /// Users by last use (a logical counter), oldest first, to pick whom to passivate.
@@ -177,6 +211,7 @@ impl Actor for ShardActor {
         myself.send_interval(JOB_TICK_INTERVAL, || ShardMsg::JobTick);
         let purge_due_ms = args.clock.now_ms().saturating_add(args.purge_interval_ms);
         Ok(ShardActorState {
+            doorkeeper: Doorkeeper::new(args.user_actors_max),
             args,
             users: HashMap::new(),
             lru: BTreeMap::new(),
@@ -201,9 +236,16 @@ impl Actor for ShardActor {
                     let applied_index = state.args.reader.applied_index();
                     let _ = reply.send(CheckAnswer { verdict: Verdict::Unknown, user: None, applied_index });
                 }
-                Some(key) => {
+                Some(key) if state.users.contains_key(&key) || state.doorkeeper.seen_before(key.hash64()) => {
                     let actor = state.user_actor(&myself, &key).await?;
                     actor.send_message(UserMsg::Check(query, reply))?;
+                }
+                Some(key) => {
+                    // Read on this actor's task, like an activation: every update published
+                    // before this point is already in storage.
+                    let user = state.args.reader.load_user(&key)?.map(Arc::new);
+                    let args = &state.args;
+                    let _ = reply.send(answer(user, &args.reader, args.clock.as_ref(), &query));
                 }
             },
             ShardMsg::GetUser(key, reply) => {
@@ -386,5 +428,26 @@ fn status(state: &ShardActorState) -> ShardStatusInfo {
         applied_index: m.last_applied.map_or(0, |l| l.index),
         snapshot_index: m.snapshot.map_or(0, |l| l.index),
         live_user_actors: state.users.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Doorkeeper;
+
+    #[test]
+    fn the_doorkeeper_remembers_two_generations_at_most() {
+        let mut d = Doorkeeper::new(2);
+        assert!(!d.seen_before(1));
+        assert!(d.seen_before(1));
+        assert!(!d.seen_before(2));
+        // The newer generation {1, 2} is full: it becomes the older one.
+        assert!(!d.seen_before(3));
+        assert!(d.seen_before(1));
+        assert!(!d.seen_before(4));
+        // {3, 4} becomes the older generation; 1 and 2 are forgotten.
+        assert!(!d.seen_before(5));
+        assert!(!d.seen_before(1));
+        assert!(d.newer.len() <= 2 && d.older.len() <= 2);
     }
 }

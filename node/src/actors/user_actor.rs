@@ -62,7 +62,7 @@ impl Actor for UserActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             UserMsg::Check(query, reply) => {
-                let _ = reply.send(answer(state, &query));
+                let _ = reply.send(answer(state.user.clone(), &state.reader, state.clock.as_ref(), &query));
             }
             UserMsg::Get(reply) => {
                 let _ = reply.send(state.user.clone());
@@ -73,16 +73,22 @@ impl Actor for UserActor {
     }
 }
 
-fn answer(state: &UserActorState, q: &CheckQuery) -> CheckAnswer {
-    let meta = state.reader.meta();
+/// The answer to `q` from `user`'s state (`None`: no such user) and the shard's watermarks.
+pub fn answer(
+    user: Option<Arc<UserState>>,
+    reader: &ShardReader,
+    clock: &dyn Clock,
+    q: &CheckQuery,
+) -> CheckAnswer {
+    let meta = reader.meta();
     let verdict = evaluate(
         &meta,
-        state.user.as_deref(),
+        user.as_deref(),
         &q.session_id,
         q.jkt.as_deref(),
         q.required_aal,
         // Never evaluate before the shard's own clock: a session is never younger than "now".
-        state.clock.now_ms().max(meta.clock_ms),
+        clock.now_ms().max(meta.clock_ms),
     );
-    CheckAnswer { verdict, user: state.user.clone(), applied_index: state.reader.applied_index() }
+    CheckAnswer { verdict, user, applied_index: reader.applied_index() }
 }
