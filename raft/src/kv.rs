@@ -149,21 +149,27 @@ fn encode_snapshot_header(meta: &[u8], body: &[u8]) -> io::Result<[u8; SNAPSHOT_
 }
 
 /// A snapshot file's `(meta, body)`, checked against its crc.
-fn decode_snapshot_file(mut file: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), String> {
-    if file.len() < SNAPSHOT_HEADER_LEN {
-        return Err(format!("{} bytes, shorter than its header", file.len()));
-    }
-    if file[0] != SNAPSHOT_FORMAT {
+/// The checksum and the meta's length from a snapshot file's header, if its format is known.
+fn parse_snapshot_header(header: &[u8; SNAPSHOT_HEADER_LEN]) -> Result<(u32, usize), String> {
+    if header[0] != SNAPSHOT_FORMAT {
         return Err(format!(
             "format {} is not supported by this build (supports {SNAPSHOT_FORMAT})",
-            file[0]
+            header[0]
         ));
     }
-    let crc = u32::from_be_bytes(file[1..5].try_into().expect("4 bytes"));
+    let crc = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes"));
+    let meta_len = u32::from_be_bytes(header[5..9].try_into().expect("4 bytes")) as usize;
+    Ok((crc, meta_len))
+}
+
+fn decode_snapshot_file(mut file: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let Some(header) = file.first_chunk::<SNAPSHOT_HEADER_LEN>() else {
+        return Err(format!("{} bytes, shorter than its header", file.len()));
+    };
+    let (crc, meta_len) = parse_snapshot_header(header)?;
     if crc32fast::hash(&file[5..]) != crc {
         return Err("checksum mismatch".to_owned());
     }
-    let meta_len = u32::from_be_bytes(file[5..9].try_into().expect("4 bytes")) as usize;
     if file.len() - SNAPSHOT_HEADER_LEN < meta_len {
         return Err(format!("meta of {meta_len} bytes, {} left", file.len() - SNAPSHOT_HEADER_LEN));
     }
@@ -347,12 +353,7 @@ impl KvTree for SledTree {
         };
         let mut header = [0; SNAPSHOT_HEADER_LEN];
         file.read_exact(&mut header).map_err(|e| self.damaged(format!("header: {e}")))?;
-        if header[0] != SNAPSHOT_FORMAT {
-            let e =
-                format!("format {} is not supported by this build (supports {SNAPSHOT_FORMAT})", header[0]);
-            return Err(self.damaged(e));
-        }
-        let meta_len = u32::from_be_bytes(header[5..].try_into().expect("4 bytes")) as usize;
+        let (_, meta_len) = parse_snapshot_header(&header).map_err(|e| self.damaged(e))?;
         let mut meta = Vec::new();
         file.take(meta_len as u64).read_to_end(&mut meta)?;
         if meta.len() != meta_len {
@@ -563,6 +564,10 @@ mod tests {
             let err = tree.load_snapshot().unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             assert!(err.to_string().contains("shard-7.snap") && err.to_string().contains(what), "{err}");
+            if what == "format" {
+                let err = tree.load_snapshot_meta().unwrap_err();
+                assert!(err.to_string().contains("shard-7.snap") && err.to_string().contains(what), "{err}");
+            }
         }
         std::fs::write(&path, &good[..4]).expect("write");
         assert!(tree.load_snapshot().unwrap_err().to_string().contains("shorter than its header"));

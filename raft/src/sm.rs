@@ -108,7 +108,7 @@ struct Shared {
     applied_index: AtomicU64,
     events_after: AtomicU64,
     /// Size of the last snapshot this replica built or installed (0 until one is, after a
-    /// restart too: reading the stored one to learn its size would cost a restart that much).
+    /// restart too: the stored one is not read at start-up, only its header and meta).
     snapshot_bytes: AtomicU64,
     /// The last log id of the stored snapshot, if one is stored; held while one is stored.
     stored_snapshot: Mutex<Option<Option<LogId>>>,
