@@ -332,9 +332,8 @@ pub async fn revoke_tenant(
         r.late_valid
     );
     println!(
-        "Watch streams: every shard replica on every node had applied the watermark {:.2} ms after \
-         the ack.\n",
-        applied.every_replica.as_secs_f64() * 1e3
+        "Watch streams: every shard replica on every node had applied the watermark {}.\n",
+        since_ack(applied.every_replica.as_secs_f64() * 1e3)
     );
     table_header();
     let applied_json =
@@ -550,4 +549,14 @@ pub async fn watch_fanout(
         "median_subscriber": median_json,
         "last_subscriber": last_json,
     }))
+}
+
+/// `ms` after an ack, in words. Times are clamped at 0: a replica seen applying a command before
+/// its ack reached the client has it "before the ack", not "0.00 ms after" it.
+pub fn since_ack(ms: f64) -> String {
+    if ms <= 0.0 {
+        "before the ack reached the client".to_owned()
+    } else {
+        format!("{ms:.2} ms after the ack")
+    }
 }
